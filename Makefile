@@ -1,0 +1,39 @@
+# kubetune: the two commands users need are `make test` and `make demo`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+# Fragments under hack/ add their own targets and append prerequisites to
+# TEST_PREREQS (e.g. building the local cluster's binaries).
+TEST_PREREQS :=
+PYTEST_ARGS ?=
+
+-include hack/*.mk
+
+.PHONY: help venv lint crds check-crds test demo clean
+
+help:
+	@echo "make test   - set up everything from a fresh clone and run lint + the test suite"
+	@echo "make demo   - train then serve on the embedded local cluster"
+	@echo "make crds   - regenerate crds/ from the API models"
+	@echo "make lint   - ruff + mypy"
+
+venv:
+	@bash hack/venv.sh
+
+lint: venv
+	$(PY) -m ruff check kubetune tests benchmarks hack
+	$(PY) -m ruff format --check kubetune tests benchmarks hack
+	$(PY) -m mypy
+
+crds: venv
+	$(PY) -m kubetune crds --output crds
+
+test: venv lint $(TEST_PREREQS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

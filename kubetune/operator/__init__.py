@@ -1,0 +1,1 @@
+"""The kopf operator. Never imports torch: see tests/unit/test_import_boundaries.py."""

@@ -1,0 +1,1 @@
+"""The training and serving runtime. ``kubetune.worker.plan`` is importable without torch."""
