@@ -13,11 +13,10 @@ PYTEST_ARGS ?=
 
 -include hack/*.mk
 
-.PHONY: help venv lint crds check-crds test demo clean
+.PHONY: help venv lint crds test clean
 
 help:
 	@echo "make test   - set up everything from a fresh clone and run lint + the test suite"
-	@echo "make demo   - train then serve on the embedded local cluster"
 	@echo "make crds   - regenerate crds/ from the API models"
 	@echo "make lint   - ruff + mypy"
 

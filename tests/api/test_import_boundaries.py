@@ -1,0 +1,58 @@
+"""One direction of dependency, checked mechanically.
+
+Aspects:
+- the API, the operator and the worker's plan contract import with torch (and friends) unavailable;
+- the worker never imports the operator.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "kubetune"
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+
+
+def _modules(subpackage: str) -> list[str]:
+    root = PACKAGE / subpackage
+    return sorted(
+        "kubetune." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        for p in root.rglob("*.py")
+    )
+
+
+def test_torch_free_modules_import_without_torch() -> None:
+    modules = ["kubetune", "kubetune.cli", *_modules("api"), *_modules("operator")]
+    for contract in ("plan", "train_cli"):
+        if (PACKAGE / "worker" / f"{contract}.py").exists():
+            modules.append(f"kubetune.worker.{contract}")
+    # A meta path finder that refuses the heavy packages, as if they were not installed.
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {HEAVY!r}:
+            raise ModuleNotFoundError(f"blocked import of {{name}}")
+sys.meta_path.insert(0, Block())
+import importlib
+for module in {modules!r}:
+    importlib.import_module(module)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_worker_never_imports_the_operator() -> None:
+    for path in (PACKAGE / "worker").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.startswith("kubetune.operator") for n in names), f"{path} imports the operator"
