@@ -24,12 +24,12 @@ venv:
 	@bash hack/venv.sh
 
 lint: venv
-	$(PY) -m ruff check kubetune tests benchmarks hack
-	$(PY) -m ruff format --check kubetune tests benchmarks hack
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 crds: venv
-	$(PY) -m kubetune crds --output crds
+	$(PY) -m kubetune crds
 
 test: venv lint $(TEST_PREREQS)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -238,25 +238,43 @@ def write(output: Path) -> list[Path]:
     return written
 
 
+# Where the same files are written: the repository's crds/ and the Helm chart's copy.
+DEFAULT_OUTPUTS = (Path("crds"), Path("charts/kubetune/crds"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--output", "-o", type=Path, default=Path("crds"), help="directory to write (default: crds)"
+        "--output",
+        "-o",
+        type=Path,
+        action="append",
+        help="directory to write; repeatable (default: crds and charts/kubetune/crds)",
     )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if the files in --output differ from the models"
     )
 
 
+def stale_files(output: Path) -> list[Path]:
+    """Files under ``output`` that differ from (or are missing against) the models."""
+    rendered = render_all()
+    stale = [
+        output / name
+        for name, text in rendered.items()
+        if not (output / name).exists() or (output / name).read_text() != text
+    ]
+    stale += [p for p in sorted(output.glob("*.yaml")) if p.name not in rendered]
+    return stale
+
+
 def run(args: argparse.Namespace) -> int:
+    outputs: list[Path] = args.output or list(DEFAULT_OUTPUTS)
     if args.check:
-        stale = [
-            name
-            for name, text in render_all().items()
-            if not (args.output / name).exists() or (args.output / name).read_text() != text
-        ]
-        for name in stale:
-            print(f"{args.output / name} is out of date: run `make crds`")
+        stale = [path for output in outputs for path in stale_files(output)]
+        for path in stale:
+            print(f"{path} is out of date: run `make crds`")
         return 1 if stale else 0
-    for path in write(args.output):
-        print(f"wrote {path}")
+    for output in outputs:
+        for path in write(output):
+            print(f"wrote {path}")
     return 0
