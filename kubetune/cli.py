@@ -16,6 +16,10 @@ from collections.abc import Sequence
 # name -> (module, one-line help). Kept as strings so listing the commands imports nothing.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("kubetune.api.crdgen", "write the CustomResourceDefinitions generated from the API models"),
+    "validate": (
+        "kubetune.api.validate",
+        "check FineTuneJob/AdapterDeployment manifests offline (for GitOps CI)",
+    ),
     "train": ("kubetune.worker.train_cli", "run a TrainingPlan (the worker pod's entry point)"),
 }
 

@@ -101,3 +101,17 @@ def test_rules_have_cel_and_python_sides() -> None:
     for cls in _model_classes().values():
         for rule in cls.rules:
             assert rule.cel.strip() and callable(rule.check), cls.__name__
+
+
+def test_validate_command_reports_field_and_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubetune.cli import main
+
+    assert main(["validate", str(EXAMPLES)]) == 0
+    bad = next(c for c in BAD_CASES if c.id == "lora-rank-zero").manifest()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all([finetunejob(), bad, {"kind": "ConfigMap"}]))
+    assert main(["validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "bad.yaml[1] support-lora: spec.method.lora.rank:" in out
+    assert "bad.yaml[0]" not in out
