@@ -1,0 +1,31 @@
+"""Prefix tuning (PEFT): trainable key/value prefixes in every attention layer.
+
+Gradient checkpointing is off for this method: the prefix arrives as a past-key-value cache, which the
+checkpointed layers do not recompute correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.worker.methods import BuildContext, TrainingMethod, register
+from kubetune.worker.methods.lora import save_peft
+from kubetune.worker.plan import MethodSpec
+
+
+def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    config = PrefixTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=spec.prefix.virtual_tokens,
+        prefix_projection=spec.prefix.projection,
+    )
+    return get_peft_model(model, config)
+
+
+METHOD = register(
+    TrainingMethod(
+        name="prefix", artifact_format="peft", build=build, save=save_peft, gradient_checkpointing=False
+    )
+)

@@ -1,0 +1,61 @@
+"""QLoRA: the base loaded in 4-bit (bitsandbytes NF4/FP4, optional double quantisation), LoRA on top.
+
+bitsandbytes >= 0.47 runs 4-bit layers on CPU too, so this method is tested on CPU. It is imported
+only inside the functions below, so installs without it can run every other method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.worker.errors import DependencyMissing
+from kubetune.worker.methods import BuildContext, TrainingMethod, register
+from kubetune.worker.methods.lora import lora_config, save_peft
+from kubetune.worker.plan import MethodSpec
+
+
+def _compute_dtype(spec: MethodSpec, context: BuildContext) -> Any:
+    import torch
+
+    if spec.quantization.compute_dtype == "auto":
+        return context.compute_dtype
+    return getattr(torch, spec.quantization.compute_dtype)
+
+
+def load_kwargs(spec: MethodSpec, context: BuildContext) -> dict[str, Any]:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise DependencyMissing(
+            "method qlora needs the bitsandbytes package (pip install bitsandbytes)"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    quantization = spec.quantization
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization.type,
+            bnb_4bit_use_double_quant=quantization.double_quant,
+            bnb_4bit_compute_dtype=_compute_dtype(spec, context),
+        ),
+        "device_map": {"": 0} if context.device == "cuda" else {"": "cpu"},
+    }
+
+
+def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    # Casts norms to fp32 and freezes the quantised base; checkpointing must be set up here, not later,
+    # because the preparation hooks the input embeddings for it.
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=context.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return get_peft_model(model, lora_config(model, spec.lora))
+
+
+METHOD = register(
+    TrainingMethod(name="qlora", artifact_format="peft", build=build, save=save_peft, load_kwargs=load_kwargs)
+)

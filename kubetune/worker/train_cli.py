@@ -1,0 +1,82 @@
+"""``kubetune train``: the worker pod's entry point.
+
+The plan comes from ``--plan FILE`` or, failing that, the ``KUBETUNE_PLAN`` environment variable (JSON
+text or a path). Exit status: 0 on success, otherwise the failure's code from
+:mod:`kubetune.worker.errors` (143 after a SIGTERM was turned into a checkpoint), with one line
+``Reason: message`` written to the termination message path.
+
+Nothing heavy is imported at module level: ``kubetune.cli`` imports this module to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from kubetune.worker.errors import KubetuneError, PlanInvalid, write_termination_message
+from kubetune.worker.plan import PLAN_ENV_VAR, TrainingPlan, load_plan
+
+TERMINATION_ENV_VAR = "KUBETUNE_TERMINATION_MESSAGE_PATH"
+logger = logging.getLogger("kubetune.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plan",
+        metavar="FILE",
+        default=None,
+        help=f"TrainingPlan JSON file (default: ${PLAN_ENV_VAR}, which holds JSON text or a path)",
+    )
+    parser.add_argument(
+        "--termination-message-path",
+        metavar="PATH",
+        default=None,
+        help=f"where the one-line failure reason goes (default: ${TERMINATION_ENV_VAR}, else the plan's "
+        "progress.termination_message_path, else /dev/termination-log)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+
+
+def _read_plan(args: argparse.Namespace) -> TrainingPlan:
+    source = args.plan or os.environ.get(PLAN_ENV_VAR)
+    if not source:
+        raise PlanInvalid(f"no plan: pass --plan FILE or set {PLAN_ENV_VAR}")
+    try:
+        return load_plan(source)
+    except OSError as exc:
+        raise PlanInvalid(f"cannot read the plan {source}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        # pydantic lists every problem on its own lines; the termination message keeps the first ones.
+        raise PlanInvalid(f"invalid plan: {'; '.join(str(exc).splitlines()[:4])}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    termination_path = args.termination_message_path or os.environ.get(TERMINATION_ENV_VAR)
+    try:
+        plan = _read_plan(args)
+        termination_path = termination_path or plan.progress.termination_message_path
+        from kubetune.worker.engine import train  # torch is imported here, not when the CLI is built
+
+        manifest = train(plan)
+    except KubetuneError as exc:
+        message = exc.termination_message()
+        logger.error("%s", message)
+        write_termination_message(termination_path or "/dev/termination-log", message)
+        return exc.exit_code
+    except Exception as exc:
+        logger.error("unexpected failure:\n%s", traceback.format_exc())
+        error = KubetuneError(f"{type(exc).__name__}: {exc}")
+        write_termination_message(termination_path or "/dev/termination-log", error.termination_message())
+        return error.exit_code
+    if manifest:
+        logger.info("done: %s", manifest.get("metrics", {}))
+    return 0
