@@ -79,7 +79,7 @@ def _decode(raw: bytes, name: str, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetInvalid(
-            f"{name} {where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+            f"{name} {where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1})"
         ) from exc
 
 
