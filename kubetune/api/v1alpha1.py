@@ -203,7 +203,11 @@ class LoraConfig(ApiModel):
 class QuantizationConfig(ApiModel):
     """Base model quantization for QLoRA (bitsandbytes)."""
 
-    bits: Literal[4, 8] = Field(default=4, description="bits per base weight: 4 or 8.")
+    bits: Literal[4] = Field(
+        default=4,
+        description="bits per frozen base weight. Only 4 (QLoRA's NF4/FP4) today; the field leaves room "
+        "for 8-bit bases.",
+    )
     type: Literal["nf4", "fp4"] = Field(default="nf4", description="type of 4-bit quantization.")
     double_quant: bool = Field(
         default=True,
@@ -304,19 +308,10 @@ class MethodSpec(ApiModel):
             field_path=".adapter",
             check=lambda m: m.adapter is None or m.type == "adapter",
         ),
-        Rule(
-            cel="!has(self.lora) || !has(self.quantization) || !self.lora.dora "
-            "|| self.quantization.bits == 4",
-            message="method.lora.dora with qlora needs quantization.bits 4",
-            field_path=".lora.dora",
-            check=lambda m: (
-                m.lora is None or m.quantization is None or not m.lora.dora or m.quantization.bits == 4
-            ),
-        ),
     )
 
     type: MethodType = Field(
-        description="type of fine-tuning: full (every weight), lora, qlora (LoRA on a 4/8-bit base), "
+        description="type of fine-tuning: full (every weight), lora, qlora (LoRA on a 4-bit base), "
         "ia3, prefix (prefix tuning) or adapter (bottleneck adapters)."
     )
     lora: LoraConfig | None = Field(default=None, description="lora settings for lora and qlora.")
@@ -338,9 +333,11 @@ class TrainingConfig(ApiModel):
     )
     learning_rate: float = Field(default=2.0e-4, gt=0, le=1, description="learningRate peak value.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
-        default="linear", description="lrScheduler shape after warmup."
+        default="cosine", description="lrScheduler shape after warmup."
     )
-    warmup_steps: int = Field(default=0, ge=0, description="warmupSteps of linear learning-rate warmup.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, lt=1, description="warmupRatio: share of the steps spent in linear warmup."
+    )
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="weightDecay (AdamW).")
     batch_size: int = Field(default=4, ge=1, le=4096, description="batchSize per device.")
     gradient_accumulation_steps: int = Field(

@@ -148,12 +148,6 @@ BAD_CASES: list[BadCase] = [
         ],
         "spec.method.ia3.feedforwardModules",
     ),
-    BadCase(
-        "qlora-dora-eight-bit",
-        FTJ,
-        [_set("spec.method", {"type": "qlora", "lora": {"dora": True}, "quantization": {"bits": 8}})],
-        "spec.method.lora.dora",
-    ),
     BadCase("model-uri-ftp", FTJ, [_set("spec.model.uri", "ftp://example/model")], "spec.model.uri"),
     BadCase(
         "dataset-uri-escapes-claim",

@@ -56,3 +56,20 @@ def test_worker_never_imports_the_operator() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.startswith("kubetune.operator") for n in names), f"{path} imports the operator"
+
+
+def test_operator_imports_only_the_worker_contract() -> None:
+    """From the worker, the operator may import kubetune.worker.plan and nothing else."""
+    for path in (PACKAGE / "operator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "kubetune.worker":
+                modules = [f"kubetune.worker.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                if module.startswith("kubetune.worker"):
+                    assert module == "kubetune.worker.plan", f"{path} imports {module}"
