@@ -678,7 +678,8 @@ def _train(
                 tokens_per_second=real / elapsed if elapsed > 0 else None,
                 eta_seconds=per_step * (total_steps - done),
             )
-            logger.info(
+            log = logger.info if dist.is_main else logger.debug  # one progress line per job, not per rank
+            log(
                 "step %d/%d epoch %.2f loss %.4f lr %.2e tokens/s %.0f",
                 done,
                 total_steps,
