@@ -1,0 +1,3 @@
+from kubetune.localcluster.cli import main
+
+raise SystemExit(main())

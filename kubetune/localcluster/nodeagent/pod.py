@@ -1,0 +1,577 @@
+"""One pod on the node: its sandbox, its containers as processes, and its status.
+
+A :class:`PodWorker` thread owns one pod from binding until its API object is gone. Its loop
+is level-based like kubelet's ``syncPod``: each pass looks at the pod object and the
+processes, starts/restarts/kills what should change, runs due probes, and patches the status
+when it differs from what was last sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.localcluster import network, procs
+from kubetune.localcluster.kubeapi import ApiError
+from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env
+from kubetune.localcluster.nodeagent.probes import ProbeState
+from kubetune.localcluster.nodeagent.volumes import VolumeContext, container_mounts, prepare_volumes
+
+if TYPE_CHECKING:
+    from kubetune.localcluster.nodeagent.agent import NodeAgent
+
+JSON = dict[str, Any]
+log = logging.getLogger("kubetune.nodeagent")
+LAUNCHER = Path(__file__).with_name("_launch.py")
+_TICK_S = 0.1
+# kubelet caps the termination message at 4 KiB, and the log fallback at 80 lines / 2 KiB.
+_MAX_MESSAGE = 4096
+_FALLBACK_LINES, _FALLBACK_BYTES = 80, 2048
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Container:
+    """One container of the pod and its current process."""
+
+    spec: JSON
+    init: bool
+    restart_count: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: str | None = None
+    started_mono: float = 0.0
+    state: JSON = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: JSON = field(default_factory=dict)
+    succeeded: bool = False  # for init containers: completed with exit code 0
+    finished: bool = False  # terminated and will not be restarted
+    next_start: float = 0.0
+    kill_deadline: float | None = None
+    kill_reason: str = ""
+    readiness: ProbeState | None = None
+    liveness: ProbeState | None = None
+    startup: ProbeState | None = None
+    record: Path | None = None
+
+    @property
+    def name(self) -> str:
+        name: str = self.spec["name"]
+        return name
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def started(self) -> bool:
+        return self.running and (self.startup is None or self.startup.result is True)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and (self.readiness is None or self.readiness.result is True)
+
+
+class PodWorker(threading.Thread):
+    def __init__(self, agent: NodeAgent, pod: JSON) -> None:
+        meta = pod["metadata"]
+        super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
+        self.agent = agent
+        self.pod = pod
+        self.uid: str = meta["uid"]
+        self.namespace: str = meta["namespace"]
+        self.pod_name: str = meta["name"]
+        self.gone = False  # the API object was deleted (no further status writes)
+        self.wake = threading.Event()
+        self.dir = agent.node_dir / "pods" / f"{self.namespace}_{self.pod_name}_{self.uid}"
+        self.netns = f"kt-{agent.cluster_name}-{self.uid[:8]}"
+        self.host_veth = "ktv" + self.uid.replace("-", "")[:8]
+        self.pod_ip: str | None = None
+        self.reported_ip: str | None = pod.get("status", {}).get("podIP")
+        self.volume_paths: dict[str, Path] | None = None
+        self.containers = [Container(c, True) for c in pod["spec"].get("initContainers", [])] + [
+            Container(c, False) for c in pod["spec"]["containers"]
+        ]
+        self.config_error: str | None = None
+        self.start_time = now_rfc3339()
+        self.conditions: dict[str, JSON] = {}
+        self.last_status: str | None = None
+        self.terminal_phase: str | None = None
+
+    # -- called from the agent's watch thread -------------------------------------------------
+
+    def update(self, pod: JSON | None) -> None:
+        if pod is None:
+            self.gone = True
+        else:
+            self.pod = pod
+        self.wake.set()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> JSON:
+        spec: JSON = self.pod["spec"]
+        return spec
+
+    @property
+    def restart_policy(self) -> str:
+        policy: str = self.spec.get("restartPolicy", "Always")
+        return policy
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("pod %s/%s: worker failed", self.namespace, self.pod_name)
+            self._kill_all(grace=0)
+        finally:
+            self._teardown_sandbox()
+            self.agent.worker_done(self)
+
+    def _run(self) -> None:
+        phase = self.pod.get("status", {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            # Finished before this worker started: only the deletion is left to do.
+            self.terminal_phase = phase
+        elif self.pod["metadata"].get("deletionTimestamp"):
+            # Being deleted before it ever ran here (or after an earlier worker released it
+            # while finalizers keep the object): never start it.
+            self.terminal_phase = phase or "Pending"
+        else:
+            self._setup_sandbox()
+        while True:
+            deleting = (
+                self.gone
+                or self.agent.stopping.is_set()
+                or bool(self.pod["metadata"].get("deletionTimestamp"))
+            )
+            if deleting:
+                self._terminate()
+                return
+            if self.terminal_phase is None:
+                self._sync_containers()
+            self._publish_status()
+            if self.terminal_phase is not None:
+                # A finished pod keeps its reported IP but gives back its network, as kubelet does.
+                self._teardown_sandbox()
+            self.wake.wait(_TICK_S if self.terminal_phase is None else 5.0)
+            self.wake.clear()
+
+    # -- sandbox ---------------------------------------------------------------------------------
+
+    def _setup_sandbox(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pod_ip = self.reported_ip = self.agent.allocate_ip(self.uid)
+        record = self.agent.cluster_state / "netns" / self.netns
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(self.host_veth)
+        self.agent.sandboxes[self.uid] = (self.netns, self.host_veth)
+        network.create_pod_netns(
+            self.netns, self.host_veth, self.agent.bridge,
+            ipaddress.IPv4Interface(f"{self.pod_ip}/{self.agent.prefix_len}"), self.agent.gateway,
+        )  # fmt: skip
+        hosts = self.dir / "etc-hosts"
+        hosts.write_text(
+            "# Kubernetes-managed hosts file (kubetune node agent).\n127.0.0.1\tlocalhost\n"
+            f"::1\tlocalhost ip6-localhost ip6-loopback\n{self.pod_ip}\t{self.hostname}\n"
+        )
+        self.conditions_set("PodReadyToStartContainers", True)
+
+    def _teardown_sandbox(self) -> None:
+        if self.pod_ip is None:
+            return
+        network.delete_pod_netns(self.netns, self.host_veth)
+        (self.agent.cluster_state / "netns" / self.netns).unlink(missing_ok=True)
+        self.agent.sandboxes.pop(self.uid, None)
+        self.agent.release_ip(self.uid)
+        self.pod_ip = None
+
+    @property
+    def hostname(self) -> str:
+        name: str = self.spec.get("hostname") or self.pod_name
+        return name[:63]
+
+    # -- containers --------------------------------------------------------------------------
+
+    def _volume_context(self) -> VolumeContext:
+        return VolumeContext(
+            get_object=lambda kind, name: self.agent.get_object(self.namespace, kind, name),
+            request_token=lambda sa, source: self.agent.request_token(self.pod, sa, source),
+            claim_dir=lambda claim: self.agent.claim_dir(self.namespace, claim),
+        )
+
+    def _sync_containers(self) -> None:
+        now = time.monotonic()
+        for c in self.containers:
+            self._reap(c, now)
+        if self.volume_paths is None:
+            try:
+                self.volume_paths = prepare_volumes(self._volume_context(), self.pod, self.dir)
+                self.config_error = None
+            except (EnvError, ApiError) as exc:
+                self._config_error(str(exc))
+                return
+        init = [c for c in self.containers if c.init]
+        pending_init = next((c for c in init if not c.succeeded), None)
+        if pending_init is not None:
+            if pending_init.finished:
+                self.terminal_phase = "Failed"  # an init container failed under restartPolicy Never
+            elif not pending_init.running and now >= pending_init.next_start:
+                self._start(pending_init)
+            incomplete = " ".join(c.name for c in init if not c.succeeded)
+            message = f"containers with incomplete status: [{incomplete}]"
+            self.conditions_set("Initialized", False, "ContainersNotInitialized", message)
+            return
+        self.conditions_set("Initialized", True)
+        apps = [c for c in self.containers if not c.init]
+        for c in apps:
+            if not c.running and not c.finished and now >= c.next_start and c.kill_deadline is None:
+                self._start(c)
+        for c in apps:
+            if c.running:
+                self._probe(c, now)
+        if all(c.finished for c in apps):
+            failed = any(c.state.get("terminated", {}).get("exitCode", 0) != 0 for c in apps)
+            self.terminal_phase = "Failed" if failed else "Succeeded"
+
+    def _config_error(self, message: str) -> None:
+        if self.config_error != message:
+            log.info("pod %s/%s: %s", self.namespace, self.pod_name, message)
+        self.config_error = message
+        for c in self.containers:
+            if not c.running and not c.state.get("terminated"):
+                c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": message}}
+
+    def _termination_file(self, c: Container) -> Path:
+        return self.dir / "termination" / f"{c.name}-{c.restart_count}"
+
+    def _container_spec(self, c: Container, argv: list[str], env: dict[str, str], log_path: Path) -> JSON:
+        assert self.volume_paths is not None
+        mounts = container_mounts(c.spec, self.volume_paths)
+        mounts.append({"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False})
+        mounts.append({
+            "source": str(self._termination_file(c)),
+            "target": c.spec.get("terminationMessagePath") or "/dev/termination-log",
+            "readOnly": False,
+        })  # fmt: skip
+        return {
+            "argv": argv,
+            "env": env,
+            "log": str(log_path),
+            "netns": f"/run/netns/{self.netns}",
+            "hostname": self.hostname,
+            "mounts": mounts,
+            "workingDir": c.spec.get("workingDir"),
+        }
+
+    def _env(self, c: Container) -> dict[str, str]:
+        status = {**self.pod.get("status", {}), "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
+                  "hostIP": self.agent.gateway, "hostIPs": [{"ip": self.agent.gateway}]}  # fmt: skip
+        return container_env(
+            {**self.pod, "status": status},
+            c.spec,
+            get_object=lambda kind, name: self.agent.get_object(self.namespace, kind, name),
+            base_env=self.agent.base_env(self.hostname),
+            service_env=self.agent.service_env,
+        )
+
+    def log_path(self, c: Container, restart_count: int | None = None) -> Path:
+        return self.dir / c.name / f"{c.restart_count if restart_count is None else restart_count}.log"
+
+    def _start(self, c: Container) -> None:
+        try:
+            env = self._env(c)
+            argv = container_argv(c.spec, env)
+        except EnvError as exc:
+            self._config_error(str(exc))
+            return
+        log_path = self.log_path(c)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        message_file = self._termination_file(c)
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_bytes(b"")
+        message_file.chmod(0o666)
+        spec_file = self.dir / "specs" / f"{c.name}-{c.restart_count}.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(self._container_spec(c, argv, env, log_path)))
+        c.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)],
+            stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+        )  # fmt: skip
+        c.record = procs.record(
+            self.agent.node_dir / "containers", f"{self.uid[:8]}-{c.name}-{c.restart_count}", c.proc.pid
+        )
+        c.started_at = now_rfc3339()
+        c.started_mono = time.monotonic()
+        c.state = {"running": {"startedAt": c.started_at}}
+        c.kill_deadline = None
+        if not c.init:
+            probes = c.spec
+            c.startup = (
+                ProbeState(probes["startupProbe"], c.started_mono) if "startupProbe" in probes else None
+            )
+            c.liveness = (
+                ProbeState(probes["livenessProbe"], c.started_mono) if "livenessProbe" in probes else None
+            )
+            c.readiness = (
+                ProbeState(probes["readinessProbe"], c.started_mono) if "readinessProbe" in probes else None
+            )
+        log.info(
+            "pod %s/%s: started container %s (pid %d)", self.namespace, self.pod_name, c.name, c.proc.pid
+        )
+
+    def _reap(self, c: Container, now: float) -> None:
+        """Notice a container that exited, record how, and schedule its restart."""
+        if c.proc is None:
+            return
+        if c.proc.poll() is None:
+            if c.kill_deadline is not None and now >= c.kill_deadline:
+                procs.kill_group(c.proc.pid, signal.SIGKILL)
+            return
+        exit_code = c.proc.returncode
+        # A signal death is reported as 128 + signal, as container runtimes do.
+        if exit_code < 0:
+            exit_code = 128 - exit_code
+        # The main process is the container: whatever it left running dies with it.
+        procs.kill_group(c.proc.pid, signal.SIGKILL)
+        if c.record:
+            c.record.unlink(missing_ok=True)
+        c.proc = None
+        reason = "Completed" if exit_code == 0 else "Error"
+        terminated = {
+            "exitCode": exit_code,
+            "reason": reason,
+            "startedAt": c.started_at,
+            "finishedAt": now_rfc3339(),
+            "containerID": self.container_id(c),
+        }
+        message = self._termination_message(c, exit_code)
+        if message:
+            terminated["message"] = message
+        c.state = {"terminated": terminated}
+        c.readiness = c.liveness = c.startup = None
+        killed_by_probe = bool(c.kill_reason) and not self.pod["metadata"].get("deletionTimestamp")
+        c.kill_deadline, c.kill_reason = None, ""
+        if c.init:
+            c.succeeded = exit_code == 0
+        restart = (
+            (c.init and exit_code != 0 and self.restart_policy != "Never")
+            or (not c.init and self.restart_policy == "Always")
+            or (not c.init and self.restart_policy == "OnFailure" and exit_code != 0)
+            or (killed_by_probe and self.restart_policy != "Never")
+        )
+        if (c.init and exit_code == 0) or not restart:
+            c.finished = True
+        else:
+            delay = min(self.agent.restart_backoff_s * 2**c.restart_count, self.agent.max_restart_backoff_s)
+            # Like kubelet, a container that ran long enough starts its backoff over.
+            if now - c.started_mono > 2 * self.agent.max_restart_backoff_s:
+                delay = self.agent.restart_backoff_s
+            c.last_state = {"terminated": terminated}
+            c.restart_count += 1
+            c.next_start = now + delay
+            c.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {delay:g}s restarting failed container={c.name}",
+                }
+            }
+        log.info("pod %s/%s: container %s exited with %d", self.namespace, self.pod_name, c.name, exit_code)
+
+    def _termination_message(self, c: Container, exit_code: int) -> str:
+        path = self._termination_file(c)
+        try:
+            message = path.read_bytes()[:_MAX_MESSAGE].decode(errors="replace")
+        except OSError:
+            message = ""
+        if (
+            not message
+            and exit_code != 0
+            and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        ):
+            try:
+                lines = self.log_path(c).read_bytes().splitlines()[-_FALLBACK_LINES:]
+                message = b"\n".join(lines)[-_FALLBACK_BYTES:].decode(errors="replace")
+            except OSError:
+                pass
+        return message
+
+    def container_id(self, c: Container) -> str:
+        return f"kubetune://{self.uid}/{c.name}/{c.restart_count}"
+
+    def _kill(self, c: Container, grace: float, reason: str) -> None:
+        if c.proc is None or c.kill_deadline is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(c.proc.pid, signal.SIGTERM)
+        c.kill_deadline = time.monotonic() + grace
+        c.kill_reason = reason
+
+    def _probe(self, c: Container, now: float) -> None:
+        if c.kill_deadline is not None:
+            return
+        host = self.pod_ip or "127.0.0.1"
+
+        def run_exec(command: list[str], timeout: float) -> int:
+            return self._exec(c, command, timeout)
+
+        if c.startup is not None and c.startup.result is not True:
+            if c.startup.due(now) and c.startup.run(host, c.spec, run_exec) is False:
+                self._kill(c, self._grace(), "startup probe failed")
+            return
+        if c.liveness is not None and c.liveness.due(now) and c.liveness.run(host, c.spec, run_exec) is False:
+            log.info(
+                "pod %s/%s: liveness probe failed: %s", self.namespace, self.pod_name, c.liveness.message
+            )
+            self._kill(c, self._grace(), "liveness probe failed")
+        if c.readiness is not None and c.readiness.due(now):
+            c.readiness.run(host, c.spec, run_exec)
+
+    def _exec(self, c: Container, command: list[str], timeout: float) -> int:
+        """Run ``command`` in the pod's namespaces with the container's environment."""
+        spec_file = self.dir / "specs" / f"{c.name}-exec.json"
+        spec = self._container_spec(c, command, self._env(c), self.dir / c.name / "exec.log")
+        spec_file.write_text(json.dumps(spec))
+        return subprocess.run(
+            [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)], timeout=timeout, check=False
+        ).returncode
+
+    def _grace(self) -> float:
+        seconds = self.pod["metadata"].get("deletionGracePeriodSeconds")
+        if seconds is None:
+            seconds = self.spec.get("terminationGracePeriodSeconds", 30)
+        return float(seconds)
+
+    def _kill_all(self, grace: float) -> None:
+        for c in self.containers:
+            self._kill(c, grace, "pod deleted")
+            if grace == 0 and c.proc is not None:
+                procs.kill_group(c.proc.pid, signal.SIGKILL)
+
+    def _terminate(self) -> None:
+        """SIGTERM every container, SIGKILL after the grace period, then release the pod."""
+        grace = (
+            min(self._grace(), self.agent.shutdown_grace_s) if self.agent.stopping.is_set() else self._grace()
+        )
+        if self.gone:
+            grace = 0
+        self._kill_all(grace)
+        while any(c.proc is not None for c in self.containers):
+            now = time.monotonic()
+            for c in self.containers:
+                self._reap(c, now)
+            time.sleep(0.05)
+        if self.gone:
+            return
+        if self.terminal_phase is None and any(c.started_at for c in self.containers):
+            codes = [c.state.get("terminated", {}).get("exitCode", 0) for c in self.containers if not c.init]
+            self.terminal_phase = "Succeeded" if not any(codes) else "Failed"
+        self._publish_status()
+        with contextlib.suppress(ApiError):
+            # Grace 0 tells the apiserver the node is done with the pod; the UID precondition
+            # keeps a same-named successor from being deleted by mistake.
+            self.agent.api.delete(
+                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}",
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
+            )
+
+    # -- status --------------------------------------------------------------------------------
+
+    def conditions_set(self, kind: str, ok: bool, reason: str = "", message: str = "") -> None:
+        status = "True" if ok else "False"
+        previous = self.conditions.get(kind)
+        condition: JSON = {"type": kind, "status": status, "lastProbeTime": None}
+        condition["lastTransitionTime"] = (
+            previous["lastTransitionTime"] if previous and previous["status"] == status else now_rfc3339()
+        )
+        if reason:
+            condition["reason"] = reason
+        if message:
+            condition["message"] = message
+        self.conditions[kind] = condition
+
+    def _container_status(self, c: Container) -> JSON:
+        status: JSON = {
+            "name": c.name,
+            "image": c.spec.get("image", ""),
+            "imageID": "",
+            "ready": c.ready,
+            "started": c.started,
+            "restartCount": c.restart_count,
+            "state": c.state,
+            "lastState": c.last_state,
+        }
+        if c.started_at:
+            status["containerID"] = self.container_id(c)
+        return status
+
+    def _phase(self) -> str:
+        if self.terminal_phase:
+            return self.terminal_phase
+        if any(c.running for c in self.containers if not c.init) or any(
+            c.restart_count for c in self.containers if not c.init
+        ):
+            return "Running"
+        return "Pending"
+
+    def _publish_status(self) -> None:
+        if self.gone:
+            return
+        apps = [c for c in self.containers if not c.init]
+        phase = self._phase()
+        if phase in ("Succeeded", "Failed"):
+            self.conditions_set("ContainersReady", False, "PodCompleted")
+            self.conditions_set("Ready", False, "PodCompleted")
+            self.conditions_set("PodReadyToStartContainers", False)
+        else:
+            unready = [c.name for c in apps if not c.ready]
+            message = f"containers with unready status: [{' '.join(unready)}]" if unready else ""
+            self.conditions_set(
+                "ContainersReady", not unready, "ContainersNotReady" if unready else "", message
+            )
+            self.conditions_set("Ready", not unready, "ContainersNotReady" if unready else "", message)
+        ours = {"PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready"}
+        others = [c for c in self.pod.get("status", {}).get("conditions", []) if c["type"] not in ours]
+        status: JSON = {
+            "phase": phase,
+            "conditions": others + [self.conditions[k] for k in sorted(self.conditions)],
+            "hostIP": self.agent.gateway,
+            "hostIPs": [{"ip": self.agent.gateway}],
+            "startTime": self.start_time,
+            "initContainerStatuses": [self._container_status(c) for c in self.containers if c.init],
+            "containerStatuses": [self._container_status(c) for c in apps],
+            "qosClass": self.pod.get("status", {}).get("qosClass", "BestEffort"),
+        }
+        if self.reported_ip:
+            status["podIP"] = self.reported_ip
+            status["podIPs"] = [{"ip": self.reported_ip}]
+        comparable = json.dumps(status, sort_keys=True)
+        if comparable == self.last_status:
+            return
+        try:
+            updated = self.agent.api.merge_patch(
+                f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status", {"status": status}
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                self.gone = True
+                return
+            log.warning("pod %s/%s: status update failed: %s", self.namespace, self.pod_name, exc)
+            return
+        self.last_status = comparable
+        if updated.get("metadata", {}).get("uid") == self.uid:
+            self.pod = updated

@@ -1,0 +1,163 @@
+"""A pod's volumes as host directories, ready to be bind-mounted into its containers.
+
+Every volume becomes a directory under the pod's directory except ``hostPath`` (the path
+itself) and ``persistentVolumeClaim`` (the bound PersistentVolume's local path, or a
+directory per claim that outlives the pod). ConfigMap, Secret, downward API and projected
+contents are written once at pod start; kubelet's periodic refresh is not implemented.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubetune.localcluster.nodeagent.env import EnvError, field_ref, resource_field_ref
+
+JSON = dict[str, Any]
+SA_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class VolumeContext:
+    """What building volumes needs from the agent, as callables so this module stays pure-ish."""
+
+    def __init__(
+        self,
+        *,
+        get_object: Callable[[str, str], JSON | None],
+        request_token: Callable[[str, JSON], str],
+        claim_dir: Callable[[str], Path],
+    ) -> None:
+        self.get_object = get_object
+        self.request_token = request_token
+        self.claim_dir = claim_dir
+
+
+def _write(path: Path, content: bytes, mode: int | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(mode if mode is not None else 0o644)
+
+
+def _key_files(
+    data: dict[str, bytes], items: list[JSON] | None, optional: bool, what: str
+) -> dict[str, tuple[bytes, int | None]]:
+    if items is None:
+        return {key: (value, None) for key, value in data.items()}
+    files = {}
+    for item in items:
+        if item["key"] not in data:
+            if optional:
+                continue
+            raise EnvError(f"{what}: key {item['key']} not found")
+        files[item["path"]] = (data[item["key"]], item.get("mode"))
+    return files
+
+
+def _object_files(ctx: VolumeContext, kind: str, source: JSON) -> dict[str, tuple[bytes, int | None]]:
+    name = source.get("name") or source.get("secretName") or ""
+    optional = bool(source.get("optional", False))
+    obj = ctx.get_object(kind, name)
+    if obj is None:
+        if optional:
+            return {}
+        raise EnvError(f'{kind} "{name}" not found')
+    if kind == "secret":
+        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    else:
+        data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+    return _key_files(data, source.get("items"), optional, f"{kind} {name}")
+
+
+def _downward_files(pod: JSON, items: list[JSON]) -> dict[str, tuple[bytes, int | None]]:
+    files = {}
+    for item in items:
+        if "fieldRef" in item:
+            value = field_ref(pod, item["fieldRef"]["fieldPath"])
+        else:
+            ref = item["resourceFieldRef"]
+            container = next(
+                (c for c in pod["spec"]["containers"] if c["name"] == ref.get("containerName")),
+                pod["spec"]["containers"][0],
+            )
+            value = resource_field_ref(container, ref)
+        files[item["path"]] = (value.encode(), item.get("mode"))
+    return files
+
+
+def _projected_files(ctx: VolumeContext, pod: JSON, projected: JSON) -> dict[str, tuple[bytes, int | None]]:
+    files: dict[str, tuple[bytes, int | None]] = {}
+    for source in projected.get("sources", []):
+        if "serviceAccountToken" in source:
+            token_source = source["serviceAccountToken"]
+            token = ctx.request_token(pod["spec"].get("serviceAccountName", "default"), token_source)
+            files[token_source["path"]] = (token.encode(), 0o600)
+        elif "configMap" in source:
+            files.update(_object_files(ctx, "configmap", source["configMap"]))
+        elif "secret" in source:
+            files.update(_object_files(ctx, "secret", source["secret"]))
+        elif "downwardAPI" in source:
+            files.update(_downward_files(pod, source["downwardAPI"].get("items", [])))
+    return files
+
+
+def prepare_volumes(ctx: VolumeContext, pod: JSON, pod_dir: Path) -> dict[str, Path]:
+    """Create every volume of ``pod``; return volume name -> host path.
+
+    Raises :class:`EnvError` when a referenced object is missing (the pod waits and retries).
+    """
+    paths: dict[str, Path] = {}
+    for volume in pod["spec"].get("volumes", []):
+        name = volume["name"]
+        target = pod_dir / "volumes" / name
+        files: dict[str, tuple[bytes, int | None]] | None = None
+        default_mode: int | None = None
+        if "hostPath" in volume:
+            host = Path(volume["hostPath"]["path"])
+            if volume["hostPath"].get("type") in ("DirectoryOrCreate", None, "") and not host.exists():
+                host.mkdir(parents=True, exist_ok=True)
+            elif volume["hostPath"].get("type") == "FileOrCreate" and not host.exists():
+                host.parent.mkdir(parents=True, exist_ok=True)
+                host.touch()
+            paths[name] = host
+            continue
+        if "persistentVolumeClaim" in volume:
+            paths[name] = ctx.claim_dir(volume["persistentVolumeClaim"]["claimName"])
+            continue
+        if "configMap" in volume:
+            files = _object_files(ctx, "configmap", volume["configMap"])
+            default_mode = volume["configMap"].get("defaultMode")
+        elif "secret" in volume:
+            files = _object_files(ctx, "secret", volume["secret"])
+            default_mode = volume["secret"].get("defaultMode")
+        elif "downwardAPI" in volume:
+            files = _downward_files(pod, volume["downwardAPI"].get("items", []))
+            default_mode = volume["downwardAPI"].get("defaultMode")
+        elif "projected" in volume:
+            files = _projected_files(ctx, pod, volume["projected"])
+            default_mode = volume["projected"].get("defaultMode")
+        elif "emptyDir" not in volume:
+            raise EnvError(f"volume {name}: unsupported volume type {sorted(set(volume) - {'name'})}")
+        target.mkdir(parents=True, exist_ok=True)
+        os.chmod(target, 0o777 if "emptyDir" in volume else 0o755)
+        for rel, (content, mode) in (files or {}).items():
+            _write(target / rel, content, mode if mode is not None else default_mode)
+        paths[name] = target
+    return paths
+
+
+def container_mounts(container: JSON, volume_paths: dict[str, Path]) -> list[JSON]:
+    mounts = []
+    for mount in container.get("volumeMounts", []):
+        source = volume_paths[mount["name"]]
+        if mount.get("subPath"):
+            source = source / mount["subPath"]
+            if not source.exists():
+                source.mkdir(parents=True)
+        mounts.append(
+            {"source": str(source), "target": mount["mountPath"], "readOnly": bool(mount.get("readOnly"))}
+        )
+    return mounts

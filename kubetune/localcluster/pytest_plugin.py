@@ -1,0 +1,87 @@
+"""pytest fixtures for tests that need a Kubernetes cluster (register in ``tests/conftest.py``).
+
+* ``cluster`` (session): a :class:`~kubetune.localcluster.testing.ClusterHandle`. With
+  ``KUBECONFIG`` set it points at that cluster (kind, a real one); otherwise the embedded
+  local cluster is started once per session and stopped at its end.
+* ``api_client`` (session): ``cluster.api_client()``.
+* ``namespace`` (function): a fresh namespace (its ``default`` ServiceAccount already
+  exists, so pods can be created at once), deleted after the test without waiting.
+
+Set ``KUBETUNE_SKIP_CLUSTER=1`` to skip cluster tests instead of failing when no cluster can
+be started (not root, binaries not built).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from kubetune.localcluster.testing import ClusterHandle, wait_for
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+# Tests want crashed containers back quickly; kubelet's 10 s would dominate their runtime.
+_TEST_RESTART_BACKOFF_S = 0.5
+_TEST_MAX_RESTART_BACKOFF_S = 5.0
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterHandle]:
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if kubeconfig:
+        yield ClusterHandle(Path(kubeconfig.split(os.pathsep)[0]))
+        return
+    from kubetune.localcluster.binaries import BinariesMissing
+    from kubetune.localcluster.controlplane import ClusterError, ClusterOptions, LocalCluster
+
+    local = LocalCluster(
+        ClusterOptions(
+            restart_backoff_s=_TEST_RESTART_BACKOFF_S, max_restart_backoff_s=_TEST_MAX_RESTART_BACKOFF_S
+        )
+    )
+    try:
+        local.start()
+    except (BinariesMissing, ClusterError) as exc:
+        if os.environ.get("KUBETUNE_SKIP_CLUSTER"):
+            pytest.skip(f"no local cluster: {exc}")
+        pytest.fail(f"could not start the local cluster: {exc}", pytrace=False)
+    try:
+        yield ClusterHandle(local.kubeconfig, local)
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def api_client(cluster: ClusterHandle) -> ApiClient:
+    return cluster.api_client()
+
+
+@pytest.fixture
+def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(cluster.api_client())
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{base}-{secrets.token_hex(3)}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+
+    def default_service_account() -> bool:
+        accounts = core.list_namespaced_service_account(name).items
+        return any(sa.metadata is not None and sa.metadata.name == "default" for sa in accounts)
+
+    wait_for(default_service_account, 30, description=f"ServiceAccount {name}/default")
+    yield name
+    # Not awaited: namespace deletion is asynchronous and the session's end stops everything.
+    try:
+        core.delete_namespace(name, propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:  # the test deleted it itself
+            raise
