@@ -762,7 +762,6 @@ _NAME_LENGTH_RULE = Rule(
     cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
     message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters so that child resources "
     "(<name>-<suffix>) fit Kubernetes' 63-character limits",
-    field_path=".metadata.name",
     check=_name_fits,
 )
 
@@ -837,7 +836,6 @@ class AdapterDeployment(ApiModel):
         Rule(
             cel="self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
             message="metadata.name must start with a letter (a DNS-1035 label): it also names the Service",
-            field_path=".metadata.name",
             check=_dns1035,
         ),
     )
