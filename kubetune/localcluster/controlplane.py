@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kubetune.localcluster import binaries, network, pki, procs
+from kubetune.localcluster.nodeagent.provisioner import storage_class
 
 # Controllers the tests and the operator rely on; everything else in kube-controller-manager
 # stays off to keep the control plane light on a 2-core machine.
@@ -265,6 +266,12 @@ class LocalCluster:
                 f"--tls-private-key-file={cluster_pki.serving_key}",
                 f"--client-ca-file={cluster_pki.ca_cert}",
                 "--authorization-mode=RBAC",
+                # `kubectl logs` goes through the node agent's log server, which wants a client
+                # certificate from the cluster CA and serves on the bridge address.
+                f"--kubelet-client-certificate={cluster_pki.admin_cert}",
+                f"--kubelet-client-key={cluster_pki.admin_key}",
+                f"--kubelet-certificate-authority={cluster_pki.ca_cert}",
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={cluster_pki.sa_pub}",
                 f"--service-account-signing-key-file={cluster_pki.sa_key}",
@@ -281,6 +288,7 @@ class LocalCluster:
         )
         self._write_kubeconfig()
         self._wait_apiserver_ready()
+        self.api_request("POST", "/apis/storage.k8s.io/v1/storageclasses", storage_class())
         kubeconfig = str(self.kubeconfig)
         self.components["kube-controller-manager"] = Component(
             "kube-controller-manager",
@@ -357,9 +365,16 @@ class LocalCluster:
 
     def api_get(self, path: str) -> Any:
         """GET ``path`` as the admin and decode the JSON answer (for readiness checks)."""
-        with urllib.request.urlopen(self.server + path, context=self._ssl_context(), timeout=5) as resp:
-            body = resp.read()
-        return json.loads(body) if body[:1] in (b"{", b"[") else body.decode()
+        return self.api_request("GET", path)
+
+    def api_request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.server + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, context=self._ssl_context(), timeout=10) as resp:
+            answer = resp.read()
+        return json.loads(answer) if answer[:1] in (b"{", b"[") else answer.decode()
 
     def _wait(self, what: str, check: Any, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.options.startup_timeout_s)
@@ -406,6 +421,8 @@ class LocalCluster:
             "ca_file": str(self.pki.ca_cert),
             "cert_file": str(self.pki.admin_cert),
             "key_file": str(self.pki.admin_key),
+            "serving_cert_file": str(self.pki.serving_cert),
+            "serving_key_file": str(self.pki.serving_key),
             "api_host": self.gateway,
             "api_port": self.api_port,
             "bridge": self.bridge,
@@ -420,6 +437,8 @@ class LocalCluster:
             "max_pods": node.max_pods,
             "restart_backoff_s": self.options.restart_backoff_s,
             "max_restart_backoff_s": self.options.max_restart_backoff_s,
+            # One agent provisions volumes for the whole cluster.
+            "provisioner": index == 1,
         }
         config_path = node_dir / "config.json"
         config_path.write_text(json.dumps(config, indent=2))

@@ -9,6 +9,9 @@ Aspects tested:
 - ``restartPolicy: Always`` restarts a crashing container with backoff, counting restarts
   and keeping the previous run's exit code and log;
 - a failing liveness probe gets the container killed and restarted;
+- a PersistentVolumeClaim of the default StorageClass is provisioned, bound, and keeps data
+  from one pod to the next;
+- ``kubectl logs`` (and ``--tail``) is served from the node agent's log files;
 - ``kubectl`` and ``helm`` are on hand and the apiserver reports its stamped version.
 """
 
@@ -191,3 +194,33 @@ def test_kubectl_and_helm_are_available(cluster: ClusterHandle) -> None:
         pinned = (Path(__file__).parents[2] / "hack" / "localcluster" / "k8s" / "VERSION").read_text().strip()
         assert version["serverVersion"]["gitVersion"] == pinned
         assert cluster.helm("version", "--short").stdout.startswith("v3.")
+
+
+def test_persistent_volume_claim_outlives_its_pods(cluster: ClusterHandle, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    claim = {
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    core.create_namespaced_persistent_volume_claim(namespace, claim)
+    mount = {"volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    writer = manifests.python_container("main", "open('/data/model.bin', 'w').write('weights')", **mount)
+    core.create_namespaced_pod(namespace, manifests.pod("writer", writer, volumes=volumes))
+    wait_for(lambda: phase_of(core, namespace, "writer") == "Succeeded", 60, description="writer to succeed")
+    assert (
+        core.read_namespaced_persistent_volume_claim(namespace=namespace, name="data").status.phase == "Bound"
+    )
+    reader = manifests.python_container("main", "print(open('/data/model.bin').read())", **mount)
+    core.create_namespaced_pod(namespace, manifests.pod("reader", reader, volumes=volumes))
+    wait_for(lambda: phase_of(core, namespace, "reader") == "Succeeded", 60, description="reader to succeed")
+    assert cluster.read_log(namespace, "reader").strip() == "weights"
+
+
+def test_kubectl_logs_reads_the_node_agents_files(cluster: ClusterHandle, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    code = "print('line 1'); print('line 2')"
+    core.create_namespaced_pod(namespace, manifests.pod("talker", manifests.python_container("main", code)))
+    wait_for(lambda: phase_of(core, namespace, "talker") == "Succeeded", 60, description="talker to succeed")
+    assert cluster.kubectl("logs", "-n", namespace, "talker").stdout == "line 1\nline 2\n"
+    assert cluster.kubectl("logs", "-n", namespace, "talker", "--tail=1").stdout == "line 2\n"

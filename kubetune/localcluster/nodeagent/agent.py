@@ -23,6 +23,8 @@ from typing import Any
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError, Credentials, KubeAPI
 from kubetune.localcluster.nodeagent.pod import PodWorker, now_rfc3339
+from kubetune.localcluster.nodeagent.provisioner import Provisioner
+from kubetune.localcluster.nodeagent.server import LogServer
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
@@ -119,7 +121,7 @@ class NodeAgent:
                 {"type": "InternalIP", "address": self.gateway},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": os.uname().release,
                 "osImage": "kubetune local node", "containerRuntimeVersion": "kubetune://processes",
@@ -293,13 +295,36 @@ class NodeAgent:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def _container_running(self, namespace: str, pod: str, container: str) -> bool:
+        with self._lock:
+            workers = list(self.workers.values())
+        return any(
+            c.running
+            for w in workers
+            if (w.namespace, w.pod_name) == (namespace, pod)
+            for c in w.containers
+            if c.name == container
+        )
+
     def run(self) -> None:
         self.node_dir.mkdir(parents=True, exist_ok=True)
+        self.log_server = LogServer(
+            self.gateway,
+            self.node_dir / "pods",
+            cert_file=self.config["serving_cert_file"],
+            key_file=self.config["serving_key_file"],
+            ca_file=self.config["ca_file"],
+            is_running=self._container_running,
+        )
+        self.log_server.start()
         self.register()
         threads = [
             threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
+        if self.config.get("provisioner"):
+            provisioner = Provisioner(self.api, self.cluster_state / "volumes" / "pv", self.stopping)
+            threads.append(threading.Thread(target=provisioner.run, name="provisioner", daemon=True))
         for thread in threads:
             thread.start()
         self.stopping.wait()
