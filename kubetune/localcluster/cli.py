@@ -121,6 +121,7 @@ def _down(args: argparse.Namespace) -> int:
             os.kill(pid, signal.SIGKILL)
     if state.exists():
         procs.cleanup_state(state)
+    (state.parent / f"{args.name}.supervisor.log").unlink(missing_ok=True)
     print(f"cluster {args.name!r} is down")
     return 0
 
