@@ -49,7 +49,17 @@ CONTROLLERS = (
     "disruption-controller",
 )
 
-SERVICE_CIDR = "10.96.0.0/16"
+
+def service_cidr(gateway: str) -> str:
+    """Each cluster's ClusterIPs sit inside its own bridge network (10.x.128.0/20), so pods
+    reach them on-link and two clusters never share one."""
+    return ".".join(gateway.split(".")[:2]) + ".128.0/20"
+
+
+def first_service_ip(gateway: str) -> str:
+    return ".".join(gateway.split(".")[:2]) + ".128.1"
+
+
 # The issuer every Kubernetes distribution uses by default; in-cluster clients never check it.
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 API_SERVER_NAMES = [
@@ -229,7 +239,9 @@ class LocalCluster:
         (state / "bridge").write_text(self.bridge)
         self.gateway = str(gateway.ip)
         self.pki = cluster_pki = pki.create_pki(
-            state / "pki", server_ips=[self.gateway, "127.0.0.1", "10.96.0.1"], server_names=API_SERVER_NAMES
+            state / "pki",
+            server_ips=[self.gateway, "127.0.0.1", first_service_ip(self.gateway)],
+            server_names=API_SERVER_NAMES,
         )
         etcd_port, etcd_peer_port = free_port(), free_port()
         self.api_port = free_port(self.gateway)
@@ -275,7 +287,7 @@ class LocalCluster:
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={cluster_pki.sa_pub}",
                 f"--service-account-signing-key-file={cluster_pki.sa_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--service-cluster-ip-range={service_cidr(self.gateway)}",
                 "--allow-privileged=true",
                 # Flow control only adds latency and CPU to a single-user test cluster.
                 "--enable-priority-and-fairness=false",
@@ -437,8 +449,8 @@ class LocalCluster:
             "max_pods": node.max_pods,
             "restart_backoff_s": self.options.restart_backoff_s,
             "max_restart_backoff_s": self.options.max_restart_backoff_s,
-            # One agent provisions volumes for the whole cluster.
-            "provisioner": index == 1,
+            # One agent provisions volumes and proxies Services for the whole cluster.
+            "cluster_services": index == 1,
         }
         config_path = node_dir / "config.json"
         config_path.write_text(json.dumps(config, indent=2))

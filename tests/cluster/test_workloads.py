@@ -8,6 +8,8 @@ Aspects tested:
   answer HTTP from the host on the same port;
 - deleting a namespace SIGTERMs its processes and removes every object in it, and deleting a
   Deployment garbage-collects its ReplicaSet and pods through owner references.
+- a Service's ClusterIP spreads connections over the ready replicas (from the host and from a
+  pod), and pods find it by name (``/etc/hosts``) and by ``<SVC>_SERVICE_*`` variables.
 """
 
 from __future__ import annotations
@@ -155,3 +157,45 @@ while True: time.sleep(1)
         return namespace not in {n.metadata.name for n in core.list_namespace().items}
 
     wait_for(namespace_gone, 60, description=f"namespace {namespace} to be deleted")
+
+
+def test_service_cluster_ip_and_name_reach_ready_pods(cluster: ClusterHandle, namespace: str) -> None:
+    if not cluster.is_local:
+        pytest.skip("ClusterIPs are not reachable from outside a real cluster")
+    apps = client.AppsV1Api(cluster.api_client())
+    core = client.CoreV1Api(cluster.api_client())
+    container = manifests.python_container(
+        "web",
+        manifests.HTTP_SERVER,
+        env=[{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        readinessProbe={"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+    )
+    apps.create_namespaced_deployment(namespace, manifests.deployment("web", 2, container))
+    service = {
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8000}]},
+    }
+    ip = core.create_namespaced_service(namespace, service).spec.cluster_ip
+
+    def both_replicas_answer() -> set[str] | None:
+        seen = set()
+        for _ in range(6):
+            with urllib.request.urlopen(f"http://{ip}/", timeout=2) as resp:
+                seen.add(resp.read().decode())
+        return seen if len(seen) == 2 else None
+
+    seen = wait_for(both_replicas_answer, 60, description=f"both replicas behind {ip}", ignore=(OSError,))
+    assert all(name.startswith("web-") for name in seen)
+    code = (
+        "import os, urllib.request;"
+        "print(urllib.request.urlopen('http://web/').read().decode(), os.environ['WEB_SERVICE_PORT'])"
+    )
+    core.create_namespaced_pod(namespace, manifests.pod("client", manifests.python_container("main", code)))
+    wait_for(
+        lambda: core.read_namespaced_pod("client", namespace).status.phase in ("Succeeded", "Failed"),
+        60,
+        description="client pod to finish",
+    )
+    out = cluster.read_log(namespace, "client")
+    assert core.read_namespaced_pod("client", namespace).status.phase == "Succeeded", out
+    assert out.startswith("web-") and out.split()[-1] == "80", out

@@ -25,6 +25,7 @@ from kubetune.localcluster.kubeapi import ApiError, Credentials, KubeAPI
 from kubetune.localcluster.nodeagent.pod import PodWorker, now_rfc3339
 from kubetune.localcluster.nodeagent.provisioner import Provisioner
 from kubetune.localcluster.nodeagent.server import LogServer
+from kubetune.localcluster.nodeagent.services import ServiceProxy
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
@@ -322,9 +323,11 @@ class NodeAgent:
             threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
-        if self.config.get("provisioner"):
+        if self.config.get("cluster_services"):
             provisioner = Provisioner(self.api, self.cluster_state / "volumes" / "pv", self.stopping)
             threads.append(threading.Thread(target=provisioner.run, name="provisioner", daemon=True))
+            proxy = ServiceProxy(self.api, self.bridge, self.stopping)
+            threads.append(threading.Thread(target=proxy.run, name="service-proxy", daemon=True))
         for thread in threads:
             thread.start()
         self.stopping.wait()

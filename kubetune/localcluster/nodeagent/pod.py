@@ -27,6 +27,7 @@ from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError
 from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env
 from kubetune.localcluster.nodeagent.probes import ProbeState
+from kubetune.localcluster.nodeagent.services import hosts_entries, service_env
 from kubetune.localcluster.nodeagent.volumes import VolumeContext, container_mounts, prepare_volumes
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class PodWorker(threading.Thread):
             Container(c, False) for c in pod["spec"]["containers"]
         ]
         self.config_error: str | None = None
+        self.service_links: dict[str, str] = {}
         self.start_time = now_rfc3339()
         self.conditions: dict[str, JSON] = {}
         self.last_status: str | None = None
@@ -184,11 +186,20 @@ class PodWorker(threading.Thread):
             self.netns, self.host_veth, self.agent.bridge,
             ipaddress.IPv4Interface(f"{self.pod_ip}/{self.agent.prefix_len}"), self.agent.gateway,
         )  # fmt: skip
+        services = self.agent.api.get("/api/v1/services")["items"]
+        if self.spec.get("enableServiceLinks", True):
+            self.service_links = service_env(
+                [s for s in services if s["metadata"]["namespace"] == self.namespace]
+            )
         hosts = self.dir / "etc-hosts"
-        hosts.write_text(
-            "# Kubernetes-managed hosts file (kubetune node agent).\n127.0.0.1\tlocalhost\n"
-            f"::1\tlocalhost ip6-localhost ip6-loopback\n{self.pod_ip}\t{self.hostname}\n"
-        )
+        lines = [
+            "# Kubernetes-managed hosts file (kubetune node agent); Services as of pod start.",
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+            f"{self.pod_ip}\t{self.hostname}",
+            *hosts_entries(services, self.namespace),
+        ]
+        hosts.write_text("\n".join(lines) + "\n")
         self.conditions_set("PodReadyToStartContainers", True)
 
     def _teardown_sandbox(self) -> None:
@@ -285,7 +296,7 @@ class PodWorker(threading.Thread):
             {**self.pod, "status": status},
             c.spec,
             get_object=lambda kind, name: self.agent.get_object(self.namespace, kind, name),
-            base_env=self.agent.base_env(self.hostname),
+            base_env={**self.service_links, **self.agent.base_env(self.hostname)},
             service_env=self.agent.service_env,
         )
 
