@@ -89,6 +89,31 @@ class Distributed:
             torch_dist.barrier()
 
 
+def cpu_budget() -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def configure_threads(local_world_size: int) -> int:
+    """Set torch's intra-op threads to this process's share of the CPU budget, unless OMP_NUM_THREADS is set.
+
+    torch defaults to every core of the node, not of the pod: under a CPU limit, or with several ranks
+    per node, the oversubscribed threads spend their time waiting on each other.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, cpu_budget() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def init_distributed() -> Distributed:
     """Read the torchrun environment and join the process group if there is more than one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,6 +124,7 @@ def init_distributed() -> Distributed:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 
 
 def _torch_threads() -> None:
+    # Subprocesses (and the engine's own thread sizing) follow this too.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
     except ImportError:  # the torch-free tests still run
@@ -32,12 +35,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def plan_dict(model_dir: Path, dataset: Path, output: Path, **override: Any) -> dict[str, Any]:
+def plan_dict(model_dir: Path, dataset_file: Path, output: Path, **override: Any) -> dict[str, Any]:
     """A small, fast plan: 20 steps of batch 8, no checkpoints, no progress server."""
     base: dict[str, Any] = {
         "name": "test",
         "model": {"uri": str(model_dir)},
-        "dataset": {"uri": str(dataset), "eval_fraction": 0.1},
+        "dataset": {"uri": str(dataset_file), "eval_fraction": 0.1},
         "method": {"type": "lora", "lora": {"dropout": 0.0}},
         "training": {
             "max_steps": 20,
