@@ -4,8 +4,9 @@ Aspects tested:
 - ``python -m kubetune.localcluster up`` starts a second cluster beside the session's (own
   bridge subnet, own ports) and prints its kubeconfig; ``down`` removes its processes, bridge
   and state directory;
-- a cluster whose owner was SIGKILLed loses its processes (parent-death signal) and is reaped
-  by the next start: bridge, network namespaces and state directory are gone.
+- a cluster whose owner was SIGKILLed loses its control plane and node agent (parent-death
+  signal); the next start reaps the rest: container processes, network namespaces, bridge and
+  state directory.
 """
 
 from __future__ import annotations
@@ -71,19 +72,37 @@ def test_up_and_down_beside_the_session_cluster(cluster: ClusterHandle, cli_clus
     assert bridge not in bridges()
 
 
-def test_cluster_of_a_killed_owner_is_reaped(cli_cluster: str) -> None:
+def test_cluster_of_a_killed_owner_is_reaped(cluster: ClusterHandle, cli_cluster: str) -> None:
     assert cli("up", "--name", cli_cluster).returncode == 0
     state = default_run_dir() / cli_cluster
+    env = {**cluster.env(), "KUBECONFIG": str(state / "kubeconfig")}
+    subprocess.run(
+        ["kubectl", "run", "sleeper", "--image=python", "--restart=Never", "--command", "--",
+         "python", "-c", "import time; time.sleep(600)"],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    containers = state / "nodes" / "node-1" / "containers"
+    record = wait_for(
+        lambda: next(containers.glob("*"), None), 60, description="the sleeper container to start"
+    )
+    container = procs.read_record(record)
+    assert container is not None
     owner = procs.read_record(state / "owner")
     assert owner is not None
     components = [r for p in (state / "pids").iterdir() if (r := procs.read_record(p))]
     bridge = (state / "bridge").read_text()
+    netns = [p.name for p in (state / "netns").iterdir()]
+    assert netns
     os.kill(owner[0], signal.SIGKILL)
     wait_for(
         lambda: not any(procs.alive(*c) for c in components),
         30,
         description="components to die with their owner",
     )
+    # Containers are not children of the dead: only the reaper can end them.
+    assert procs.alive(*container)
     assert state in procs.reap_stale(default_run_dir())
+    assert not procs.alive(*container)
     assert not state.exists()
     assert bridge not in bridges()
+    assert not set(netns) & set(network.list_netns())
