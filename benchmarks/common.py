@@ -155,7 +155,11 @@ class KubetuneRun:
 
 
 class BenchmarkError(RuntimeError):
-    """A benchmark subprocess failed; the message carries the tail of its stderr."""
+    """A benchmark subprocess failed; the message carries the tail of its stderr, ``reason`` one line."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message.strip().splitlines()[-1]
 
 
 def run_kubetune(plan: Mapping[str, Any], *, threads: int, timeout_s: float = 1800) -> KubetuneRun:
@@ -176,9 +180,13 @@ def run_kubetune(plan: Mapping[str, Any], *, threads: int, timeout_s: float = 18
     elapsed = time.monotonic() - started
     manifest = read_manifest(output)
     if result.returncode != 0 or manifest is None:
+        # The worker's one-line termination message is the reason a user would see in the pod status.
+        termination = Path(plan["progress"]["termination_message_path"])
+        reason = termination.read_text(encoding="utf-8").strip() if termination.is_file() else ""
         raise BenchmarkError(
             f"kubetune train ({plan['method'].get('type')}) exited {result.returncode}:\n"
-            f"{result.stderr[-3000:]}"
+            f"{result.stderr[-3000:]}",
+            reason=f"exit {result.returncode}: {reason}" if reason else "",
         )
     return KubetuneRun(manifest=manifest, process_seconds=elapsed, output=output)
 

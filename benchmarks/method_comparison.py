@@ -33,6 +33,7 @@ from typing import Any, get_args
 from benchmarks.common import (
     DEFAULT_WORK_DIR,
     RESULTS_DIR,
+    BenchmarkError,
     ModelSize,
     environment,
     markdown_table,
@@ -131,7 +132,13 @@ def run_method(
             },
         )
         logger.info("%s lr=%g: training %d steps", method, learning_rate, settings.steps)
-        run = run_kubetune(plan, threads=settings.threads)
+        try:
+            run = run_kubetune(plan, threads=settings.threads)
+        except BenchmarkError as error:
+            # One method failing (e.g. a kernel missing on this CPU) must not hide the others' results.
+            logger.warning("%s lr=%g failed: %s", method, learning_rate, error)
+            runs.append({"learning_rate": learning_rate, "error": error.reason})
+            continue
         metrics = run.metrics
         runs.append(
             {
@@ -152,8 +159,11 @@ def run_method(
             metrics.get("tokens_per_second") or 0.0,
         )
         shutil.rmtree(output, ignore_errors=True)
-    finite = [r for r in runs if r["metrics"].get("eval_loss") is not None]
-    best = min(finite or runs, key=lambda r: r["metrics"].get("eval_loss") or float("inf"))
+    finished = [r for r in runs if "metrics" in r]
+    if not finished:
+        return {"runs": runs, "best": None, "error": runs[0]["error"] if runs else "no runs"}
+    finite = [r for r in finished if r["metrics"].get("eval_loss") is not None]
+    best = min(finite or finished, key=lambda r: r["metrics"].get("eval_loss") or float("inf"))
     return {"runs": runs, "best": best}
 
 
@@ -161,7 +171,9 @@ def summarise(method: str, result: dict[str, Any], memory: dict[str, int]) -> di
     best = result["best"]
     metrics = best["metrics"]
     speeds = [
-        r["metrics"]["tokens_per_second"] for r in result["runs"] if r["metrics"].get("tokens_per_second")
+        r["metrics"]["tokens_per_second"]
+        for r in result["runs"]
+        if r.get("metrics", {}).get("tokens_per_second")
     ]
     return {
         "method": method,
@@ -188,9 +200,9 @@ def summarise(method: str, result: dict[str, Any], memory: dict[str, int]) -> di
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Ratios against full fine-tuning in the same run (None when full was not run)."""
-    full = next((row for row in rows if row["method"] == "full"), None)
+    full = next((row for row in rows if row["method"] == "full" and "error" not in row), None)
     for row in rows:
-        if full is None:
+        if full is None or "error" in row:
             row["vs_full"] = None
             continue
         gained_full = full["eval_loss_before"] - full["eval_loss"]
@@ -211,9 +223,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def render_markdown(document: dict[str, Any]) -> str:
     env = document["environment"]
     settings = document["settings"]
-    rows = document["methods"]
+    rows = [row for row in document["methods"] if "error" not in row]
+    failed = [row for row in document["methods"] if "error" in row]
     lines = [
-        "# Method comparison (tiny model, synthetic cipher task)",
+        f"# Method comparison (`{settings['size']}` model, synthetic cipher task)",
         "",
         f"Measured {env['measured_at']} at commit `{env['git_commit']}` on {env['processor']}, "
         f"{env['cpus_available']} CPU cores available (shared with other work), {env['threads_per_run']} "
@@ -321,15 +334,18 @@ def render_markdown(document: dict[str, Any]) -> str:
                 [
                     method,
                     run["learning_rate"],
-                    run["metrics"].get("eval_loss"),
-                    run["metrics"].get("retention_delta"),
-                    run["metrics"].get("tokens_per_second"),
+                    run["metrics"].get("eval_loss") if "metrics" in run else f"failed: {run['error']}",
+                    run.get("metrics", {}).get("retention_delta"),
+                    run.get("metrics", {}).get("tokens_per_second"),
                 ]
                 for method, result in document["runs"].items()
                 for run in result["runs"]
             ],
         )
     )
+    if failed:
+        lines += ["", "## Methods that failed on this machine", ""]
+        lines += [f"- **{row['method']}**: `{row['error']}`" for row in failed]
     lines += [
         "",
         "## Reading these numbers",
@@ -351,8 +367,10 @@ def render_markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(settings: Settings, work_dir: Path, results_dir: Path) -> dict[str, Any]:
-    """Run the comparison and write ``method_comparison.{json,md}`` into ``results_dir``."""
+def run(
+    settings: Settings, work_dir: Path, results_dir: Path, name: str = "method_comparison"
+) -> dict[str, Any]:
+    """Run the comparison and write ``<name>.{json,md}`` into ``results_dir``."""
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(
         work_dir, size=settings.size, pretrain_steps=settings.pretrain_steps, seed=settings.seed
@@ -362,6 +380,9 @@ def run(settings: Settings, work_dir: Path, results_dir: Path) -> dict[str, Any]
     rows = []
     for method in settings.methods:
         results[method] = run_method(method, settings, model_dir, train, retention, work_dir)
+        if results[method]["best"] is None:
+            rows.append({"method": method, "error": results[method]["error"]})
+            continue
         memory = measure_training_memory(
             model_dir,
             method_block(method),
@@ -379,7 +400,7 @@ def run(settings: Settings, work_dir: Path, results_dir: Path) -> dict[str, Any]
         "methods": rows,
         "runs": results,
     }
-    write_results("method_comparison", document, render_markdown(document), results_dir)
+    write_results(name, document, render_markdown(document), results_dir)
     return document
 
 
@@ -403,6 +424,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "method_comparison")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="method_comparison", help="results file name, without suffix")
     return parser.parse_args(argv)
 
 
@@ -428,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=args.threads,
         seed=args.seed,
     )
-    document = run(settings, args.work_dir, args.results_dir)
+    document = run(settings, args.work_dir, args.results_dir, args.name)
     summary = [
         {k: v for k, v in row.items() if k not in ("vs_full", "training_memory")}
         for row in document["methods"]
