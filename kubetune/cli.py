@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Kept as strings so listing the commands imports nothing.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "operator": ("kubetune.operator.main", "run the kopf operator (FineTuneJob today)"),
     "crds": ("kubetune.api.crdgen", "write the CustomResourceDefinitions generated from the API models"),
     "validate": (
         "kubetune.api.validate",

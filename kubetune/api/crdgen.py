@@ -278,3 +278,46 @@ def run(args: argparse.Namespace) -> int:
         for path in write(output):
             print(f"wrote {path}")
     return 0
+
+
+def apply(api_client: Any, *, timeout: float = 60.0) -> None:
+    """Create or replace the CRDs on a cluster and wait until they are Established and served.
+
+    For tests and ``make demo``; production installs use the Helm chart or ``kubectl apply``.
+    """
+    import time
+
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    extensions = client.ApiextensionsV1Api(api_client)
+    objects = client.CustomObjectsApi(api_client)
+    deadline = time.monotonic() + timeout
+    for text in render_all().values():
+        body = yaml.safe_load(text)
+        name = body["metadata"]["name"]
+        try:
+            extensions.create_custom_resource_definition(body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            current = extensions.read_custom_resource_definition(name)
+            body["metadata"]["resourceVersion"] = current.metadata.resource_version  # type: ignore[union-attr]
+            extensions.replace_custom_resource_definition(name, body)
+        plural = body["spec"]["names"]["plural"]
+        while True:
+            crd = extensions.read_custom_resource_definition(name)
+            established = any(
+                c.type == "Established" and c.status == "True"
+                for c in (crd.status.conditions or [])  # type: ignore[union-attr]
+            )
+            if established:
+                try:
+                    # Established can precede the first served request by a moment.
+                    objects.list_cluster_custom_object(v1alpha1.GROUP, v1alpha1.VERSION, plural, limit=1)
+                    break
+                except ApiException:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not established within {timeout:g}s")
+            time.sleep(0.2)

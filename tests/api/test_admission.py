@@ -12,7 +12,6 @@ Aspects:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import yaml
 
 from kubetune.api import crdgen, v1alpha1
 from kubetune.api.v1alpha1 import AdapterDeployment, FineTuneJob
-from kubetune.localcluster.testing import ClusterHandle, condition_status, wait_for
+from kubetune.localcluster.testing import ClusterHandle, wait_for
 from tests.api.cases import BAD_CASES, BadCase, adapterdeployment, finetunejob
 
 pytestmark = pytest.mark.cluster
@@ -31,42 +30,8 @@ PLURALS = {r.kind_info["kind"]: r.kind_info["plural"] for r in (FineTuneJob, Ada
 
 
 @pytest.fixture(scope="module")
-def crds(cluster: ClusterHandle) -> Iterator[None]:
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
-
-    api = client.ApiextensionsV1Api(cluster.api_client())
-    for text in crdgen.render_all().values():
-        body = yaml.safe_load(text)
-        try:
-            api.create_custom_resource_definition(body)
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            body["metadata"]["resourceVersion"] = api.read_custom_resource_definition(
-                body["metadata"]["name"]
-            ).metadata.resource_version
-            api.replace_custom_resource_definition(body["metadata"]["name"], body)
-        name = body["metadata"]["name"]
-        wait_for(
-            lambda name=name: (
-                condition_status(api.read_custom_resource_definition(name), "Established") == "True"
-            ),
-            30,
-            description=f"CRD {name} Established",
-        )
-    objects = client.CustomObjectsApi(cluster.api_client())
-    for plural in PLURALS.values():
-        # Established can precede the first successful request by a moment while handlers install.
-        wait_for(
-            lambda plural=plural: (
-                objects.list_cluster_custom_object(v1alpha1.GROUP, v1alpha1.VERSION, plural) is not None
-            ),
-            30,
-            ignore=(ApiException,),
-            description=f"{plural} served",
-        )
-    yield
+def crds(cluster: ClusterHandle) -> None:
+    crdgen.apply(cluster.api_client())
 
 
 def _create(

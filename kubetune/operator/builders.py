@@ -1,0 +1,230 @@
+"""Pure builders of the objects a FineTuneJob owns: the plan ConfigMap and the worker Job.
+
+No I/O here: each function maps (FineTuneJob, settings) to a manifest, so the handlers stay thin and
+every rendering decision has a fast unit test. Names are deterministic (``<name>-plan``,
+``<name>-train``) so creation is idempotent across operator restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.v1alpha1 import API_VERSION, FineTuneJob
+from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
+from kubetune.worker import plan as wp
+from kubetune.worker.errors import ERROR_TYPES
+
+LABEL_FINETUNEJOB = "kubetune.dev/finetunejob"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+PLAN_MOUNT = "/etc/kubetune"
+PLAN_KEY = "plan.json"
+CONTAINER = "worker"
+#: The worker turns SIGTERM into a checkpoint and exits with this code: a retry resumes, so it must
+#: not count against backoffLimit.
+PREEMPTED_EXIT_CODE = 143
+#: Non-root identity of worker pods (the image's user); fsGroup makes mounted claims writable.
+WORKER_UID = 1000
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Operator-wide defaults for worker pods (set from the operator's command line)."""
+
+    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+
+
+def plan_configmap_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-plan"
+
+
+def worker_job_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-train"
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    """Makes the child garbage-collected with its FineTuneJob."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneJob",
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
+    return {
+        LABEL_FINETUNEJOB: str(job.metadata.name),
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: "kubetune",
+    }
+
+
+def plan_configmap(job: FineTuneJob, plan: wp.TrainingPlan) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": plan_configmap_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": child_labels(job, "plan"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": {PLAN_KEY: plan.model_dump_json(indent=2)},
+    }
+
+
+def _non_retryable_exit_codes() -> list[int]:
+    return sorted({error.exit_code for error in ERROR_TYPES if not error.retryable})
+
+
+def _resources(job: FineTuneJob) -> dict[str, Any]:
+    spec = job.spec.resources
+    amounts: dict[str, str] = {}
+    if spec.cpu is not None:
+        amounts["cpu"] = spec.cpu
+    if spec.memory is not None:
+        amounts["memory"] = spec.memory
+    limits = dict(amounts)
+    if spec.gpus_per_node:
+        limits[spec.gpu_resource_name] = str(spec.gpus_per_node)
+    out: dict[str, Any] = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
+    """The batch/v1 Job that runs ``kubetune train`` on the rendered plan (single node)."""
+    spec = job.spec
+    overrides = spec.pod_template
+    labels = {**(overrides.labels if overrides and overrides.labels else {}), **child_labels(job, "worker")}
+
+    volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": plan_configmap_name(job)}}]
+    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}]
+    for index, claim in enumerate(claims_of(job)):
+        volumes.append({"name": f"claim-{index}", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"claim-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
+    if not spec.output.uri.startswith("pvc://"):
+        volumes.append({"name": "work", "emptyDir": {}})
+        mounts.append({"name": "work", "mountPath": EPHEMERAL_WORK_DIR})
+
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if overrides and overrides.env:
+        env += overrides.env
+    # Credentials reach the worker as environment variables from the user's Secrets; the values never
+    # pass through the operator.
+    env_from = [
+        {"secretRef": {"name": secret}}
+        for secret in dict.fromkeys(
+            s
+            for s in (
+                spec.model.credentials_secret,
+                spec.dataset.credentials_secret,
+                spec.output.credentials_secret,
+            )
+            if s
+        )
+    ]
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune", "train", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"],
+        "env": env,
+        "ports": [{"name": "progress", "containerPort": PROGRESS_PORT}],
+        "volumeMounts": mounts,
+        "resources": _resources(job),
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if env_from:
+        container["envFrom"] = env_from
+
+    pod_spec: dict[str, Any] = {
+        # Never, so that every retry is a new pod and the Job's podFailurePolicy can judge exit codes.
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "enableServiceLinks": False,
+    }
+    if overrides:
+        for key, value in (
+            ("nodeSelector", overrides.node_selector),
+            ("tolerations", overrides.tolerations),
+            ("affinity", overrides.affinity),
+            ("priorityClassName", overrides.priority_class_name),
+            ("serviceAccountName", overrides.service_account_name),
+            ("imagePullSecrets", overrides.image_pull_secrets),
+        ):
+            if value:
+                pod_spec[key] = value
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "podFailurePolicy": {
+            "rules": [
+                # Evictions and preemptions are not the job's fault: retry without counting.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": [PREEMPTED_EXIT_CODE],
+                    },
+                },
+                # A bad dataset or a missing model fails the same way every time: stop at once.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": _non_retryable_exit_codes(),
+                    },
+                },
+            ]
+        },
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": dict(overrides.annotations) if overrides and overrides.annotations else {},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": worker_job_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": child_labels(job, "worker"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": job_spec,
+    }

@@ -1,0 +1,234 @@
+"""Pure derivation of a FineTuneJob's status from the state of the world.
+
+Level-based: every pass recomputes conditions from the worker Job, its pods and the worker's live
+progress report, never from the previous phase. Conditions are the authority; ``phase`` is derived
+from them for ``kubectl get``. A condition keeps its ``lastTransitionTime`` while its status holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune.operator.builders import CONTAINER, PREEMPTED_EXIT_CODE
+from kubetune.worker.errors import REASON_BY_EXIT_CODE
+from kubetune.worker.plan import ProgressReport
+
+CONDITION_TYPES = ("Feasible", "Suspended", "Running", "Succeeded", "Failed")
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a reconcile pass saw. ``plan_error`` is set when the plan could not be rendered."""
+
+    job: dict[str, Any] | None
+    pods: list[dict[str, Any]]
+    progress: ProgressReport | None = None
+    plan_error: str | None = None
+
+
+def _job_condition(job: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def _newest_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def _terminated(pod: dict[str, Any] | None) -> dict[str, Any] | None:
+    for status in ((pod or {}).get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            state = status.get("state") or {}
+            terminated: dict[str, Any] | None = state.get("terminated")
+            return terminated
+    return None
+
+
+def failure_of(pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) of the newest failed worker container, from its exit code and message."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True):
+        terminated = _terminated(pod)
+        if not terminated or terminated.get("exitCode", 0) == 0:
+            continue
+        code = int(terminated.get("exitCode", 1))
+        message = (terminated.get("message") or "").strip()
+        if code == PREEMPTED_EXIT_CODE:
+            reason = "Preempted"
+        elif code > 128:
+            reason = "Killed" if terminated.get("reason") != "OOMKilled" else "OutOfMemory"
+        else:
+            reason = REASON_BY_EXIT_CODE.get(code, "InternalError")
+        # The worker writes "Reason: message"; keep the message part only.
+        if message.startswith(f"{reason}: "):
+            message = message[len(reason) + 2 :]
+        return reason, message.splitlines()[-1][:1024] if message else f"worker exited with code {code}"
+    return "WorkerFailed", "the worker Job failed"
+
+
+def result_of(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The artifact summary a succeeded worker leaves in its termination message (JSON), if any."""
+    for pod in pods:
+        terminated = _terminated(pod)
+        if terminated and terminated.get("exitCode") == 0 and terminated.get("message"):
+            try:
+                summary = json.loads(terminated["message"])
+            except ValueError:
+                continue
+            if isinstance(summary, dict):
+                return summary
+    return None
+
+
+def _condition(kind: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message}
+
+
+def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
+    """Every condition type, in a fixed order, without timestamps. ``suspended`` is spec.suspend."""
+    complete = _job_condition(seen.job, "Complete")
+    failed = _job_condition(seen.job, "Failed")
+    pod = _newest_pod(seen.pods)
+    pod_phase = ((pod or {}).get("status") or {}).get("phase")
+
+    if seen.plan_error:
+        feasible = _condition("Feasible", False, "PlanInvalid", seen.plan_error)
+    else:
+        feasible = _condition("Feasible", True, "PlanRendered", "the training plan was rendered")
+
+    conditions = [feasible]
+    conditions.append(
+        _condition("Suspended", True, "Suspended", "spec.suspend is true")
+        if suspended and not (complete or failed)
+        else _condition("Suspended", False, "NotSuspended", "")
+    )
+
+    if failed or seen.plan_error:
+        if seen.plan_error:
+            reason, message = "PlanInvalid", seen.plan_error
+        elif failed.get("reason") == "DeadlineExceeded":  # type: ignore[union-attr]
+            reason, message = "DeadlineExceeded", "activeDeadlineSeconds passed before training finished"
+        else:
+            reason, message = failure_of(seen.pods)
+        conditions.append(_condition("Running", False, reason, ""))
+        conditions.append(_condition("Succeeded", False, reason, ""))
+        conditions.append(_condition("Failed", True, reason, message))
+        return conditions
+    if complete:
+        conditions.append(_condition("Running", False, "Completed", ""))
+        conditions.append(_condition("Succeeded", True, "ArtifactPublished", "the artifact was published"))
+        conditions.append(_condition("Failed", False, "Succeeded", ""))
+        return conditions
+
+    if suspended:
+        running = _condition("Running", False, "Suspended", "")
+    elif pod_phase == "Running":
+        phase = seen.progress.phase if seen.progress else "starting"
+        running = _condition("Running", True, "Training", f"worker pod {pod['metadata']['name']} is {phase}")  # type: ignore[index]
+    elif seen.job is None:
+        running = _condition("Running", False, "Creating", "creating the worker Job")
+    else:
+        running = _condition("Running", False, "Pending", "waiting for the worker pod to start")
+    conditions.append(running)
+    conditions.append(_condition("Succeeded", False, "InProgress", ""))
+    conditions.append(_condition("Failed", False, "InProgress", ""))
+    return conditions
+
+
+def merge_conditions(
+    previous: list[dict[str, Any]], desired: list[dict[str, Any]], generation: int | None, now: datetime
+) -> list[dict[str, Any]]:
+    """Stamp observedGeneration and keep lastTransitionTime while a condition's status is unchanged."""
+    before = {c.get("type"): c for c in previous}
+    merged = []
+    for condition in desired:
+        old = before.get(condition["type"])
+        since = old.get("lastTransitionTime") if old and old.get("status") == condition["status"] else None
+        merged.append(
+            {
+                **condition,
+                "lastTransitionTime": since or rfc3339(now),
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    return merged
+
+
+def phase_of(conditions: list[dict[str, Any]]) -> str:
+    true = {c["type"] for c in conditions if c["status"] == "True"}
+    for kind, phase in (
+        ("Failed", "Failed"),
+        ("Succeeded", "Succeeded"),
+        ("Suspended", "Suspended"),
+        ("Running", "Running"),
+    ):
+        if kind in true:
+            return phase
+    return "Pending"
+
+
+def _progress_status(progress: ProgressReport) -> dict[str, Any]:
+    percent = int(100 * progress.step / progress.total_steps) if progress.total_steps else 0
+    out: dict[str, Any] = {
+        "step": progress.step,
+        "totalSteps": progress.total_steps,
+        "summary": f"{progress.step}/{progress.total_steps} ({percent}%)",
+        "epoch": round(progress.epoch, 4),
+    }
+    for key, value in (
+        ("loss", progress.loss),
+        ("evalLoss", progress.eval_loss),
+        ("tokensPerSecond", progress.tokens_per_second),
+    ):
+        if value is not None:
+            out[key] = round(float(value), 6)
+    if progress.eta_seconds is not None:
+        out["etaSeconds"] = int(progress.eta_seconds)
+    if progress.updated_at:
+        out["updatedAt"] = progress.updated_at
+    return out
+
+
+def desired_status(
+    generation: int | None, suspended: bool, seen: Observed, previous: dict[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """The complete status to write for an object at ``generation`` with spec.suspend ``suspended``."""
+    previous = previous or {}
+    conditions = merge_conditions(
+        previous.get("conditions") or [], desired_conditions(suspended, seen), generation, now
+    )
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "phase": phase_of(conditions),
+        "conditions": conditions,
+    }
+    if seen.job is not None:
+        status["jobName"] = seen.job["metadata"]["name"]
+        job_status = seen.job.get("status") or {}
+        if job_status.get("startTime"):
+            status["startTime"] = job_status["startTime"]
+        if job_status.get("completionTime"):
+            status["completionTime"] = job_status["completionTime"]
+    if seen.progress is not None:
+        status["progress"] = _progress_status(seen.progress)
+    elif previous.get("progress"):
+        status["progress"] = previous["progress"]  # the last report outlives the worker
+    summary = result_of(seen.pods) if status["phase"] == "Succeeded" else None
+    if summary is not None:
+        status["result"] = {
+            key: summary[key] for key in ("uri", "sha256", "sizeBytes", "format", "metrics") if key in summary
+        }
+        final = summary.get("progress")
+        if isinstance(final, dict) and "step" in final:
+            status["progress"] = {**status.get("progress", {}), **final}
+    elif previous.get("result"):
+        status["result"] = previous["result"]
+    return status

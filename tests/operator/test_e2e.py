@@ -1,0 +1,188 @@
+"""The operator end to end on a real cluster: `kubetune operator` as a process, real Jobs and pods.
+
+Aspects:
+- a LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim trains, publishes its
+  artifact on the claim and reports Succeeded with conditions, job name and result;
+- a bad dataset fails the FineTuneJob with the worker's reason and message, without retries;
+- a suspended FineTuneJob creates a suspended Job and runs nothing;
+- the operator process logs no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import crdgen, v1alpha1
+from kubetune.localcluster.testing import ClusterHandle, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.torch]
+
+
+@pytest.fixture(scope="module")
+def crds(cluster: ClusterHandle) -> None:
+    crdgen.apply(cluster.api_client())
+
+
+@pytest.fixture
+def operator(cluster: ClusterHandle, namespace: str, crds: None, tmp_path: Path) -> Iterator[Path]:
+    log = tmp_path / "operator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "operator", "--namespace", namespace, "--liveness", ""],
+            env=cluster.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture
+def claim_dir(cluster: ClusterHandle, namespace: str) -> Path:
+    """A bound PersistentVolumeClaim "data"; returns its directory on this host."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "data"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+
+    def bound_volume() -> str | None:
+        pvc = core.read_namespaced_persistent_volume_claim("data", namespace)
+        return pvc.spec.volume_name if pvc.status.phase == "Bound" else None  # type: ignore[union-attr]
+
+    volume = wait_for(bound_volume, 60, description="claim data to bind")
+    path = Path(core.read_persistent_volume(volume).spec.host_path.path)  # type: ignore[union-attr]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _finetunejob(name: str, dataset: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "dataset": {"uri": f"pvc://data/{dataset}", "evalFraction": 0.1},
+            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
+            "training": {
+                "maxSteps": 6,
+                "batchSize": 4,
+                "maxSeqLength": 64,
+                "learningRate": 0.01,
+                "checkpointEverySteps": 3,
+            },
+            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
+            "output": {"uri": f"pvc://data/out/{name}"},
+            "backoffLimit": 2,
+            **spec,
+        },
+    }
+
+
+def _get(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    objects = client.CustomObjectsApi(cluster.api_client())
+    result: dict[str, Any] = objects.get_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", name
+    )
+    return result
+
+
+def _create(cluster: ClusterHandle, namespace: str, body: dict[str, Any]) -> None:
+    from kubernetes import client
+
+    client.CustomObjectsApi(cluster.api_client()).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", body
+    )
+
+
+def _phase_is(cluster: ClusterHandle, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:
+    obj = _get(cluster, namespace, name)
+    return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+
+def test_lora_job_trains_and_publishes(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+
+    make_tiny_model(claim_dir / "model")
+    write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    _create(cluster, namespace, _finetunejob("tiny-lora", "train.jsonl"))
+
+    done = wait_for(
+        lambda: _phase_is(cluster, namespace, "tiny-lora", "Succeeded", "Failed"),
+        300,
+        interval=1,
+        description=lambda: (
+            f"tiny-lora to finish; status: {json.dumps(_get(cluster, namespace, 'tiny-lora').get('status'))}"
+        ),
+    )
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
+    assert all(c["observedGeneration"] == done["metadata"]["generation"] for c in status["conditions"])
+    assert status["jobName"] == "tiny-lora-train"
+    manifest = json.loads((claim_dir / "out" / "tiny-lora" / "kubetune.json").read_text())
+    assert manifest["method"] == "lora"
+    if "result" in status:
+        assert status["result"]["uri"] == "pvc://data/out/tiny-lora"
+
+
+def test_bad_dataset_fails_with_the_workers_reason(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    from kubernetes import client
+
+    (claim_dir / "model").mkdir()
+    (claim_dir / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"\n')
+    _create(cluster, namespace, _finetunejob("bad-data", "bad.jsonl"))
+
+    done = wait_for(
+        lambda: _phase_is(cluster, namespace, "bad-data", "Succeeded", "Failed"),
+        240,
+        interval=1,
+        description="bad-data to finish",
+    )
+    failed = next(c for c in done["status"]["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "DatasetInvalid"), failed
+    assert "line 2" in failed["message"]
+    pods = client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
+        namespace, label_selector="batch.kubernetes.io/job-name=bad-data-train"
+    )
+    assert len(pods.items) == 1  # podFailurePolicy: a bad dataset is not retried
+
+
+def test_suspended_job_runs_nothing(cluster: ClusterHandle, namespace: str, operator: Path) -> None:
+    from kubernetes import client
+
+    _create(cluster, namespace, _finetunejob("held", "train.jsonl", suspend=True))
+    wait_for(
+        lambda: _phase_is(cluster, namespace, "held", "Suspended"), 60, interval=0.5, description="Suspended"
+    )
+    job = client.BatchV1Api(cluster.api_client()).read_namespaced_job("held-train", namespace)
+    assert job.spec.suspend is True  # type: ignore[union-attr]
+    assert not client.CoreV1Api(cluster.api_client()).list_namespaced_pod(namespace).items
