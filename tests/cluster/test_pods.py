@@ -8,7 +8,7 @@ Aspects tested:
 - a missing ConfigMap holds the container in CreateContainerConfigError until it appears;
 - ``restartPolicy: Always`` restarts a crashing container with backoff, counting restarts
   and keeping the previous run's exit code and log;
-- a failing liveness probe gets the container killed and restarted;
+- a failing liveness probe gets the container killed and restarted, with kubelet's Events;
 - a PersistentVolumeClaim of the default StorageClass is provisioned, bound, and keeps data
   from one pod to the next;
 - ``kubectl logs`` (and ``--tail``) is served from the node agent's log files;
@@ -185,6 +185,9 @@ def test_failing_liveness_probe_restarts_container(cluster: ClusterHandle, names
 
     wait_for(restarted, 30, description="a liveness restart")
     assert condition_status(core.read_namespaced_pod("live", namespace), "Ready") is not None
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=live").items
+    reasons = {e.reason for e in events}
+    assert {"Started", "Unhealthy", "Killing"} <= reasons, reasons
 
 
 def test_kubectl_and_helm_are_available(cluster: ClusterHandle) -> None:

@@ -279,6 +279,40 @@ class NodeAgent:
         token: str = result["status"]["token"]
         return token
 
+    def post_event(
+        self, pod: JSON, kind: str, reason: str, message: str, container: str | None = None
+    ) -> None:
+        """Record an Event on ``pod`` as kubelet does (``kubectl describe`` shows them)."""
+        meta = pod["metadata"]
+        now = now_rfc3339()
+        involved: JSON = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": meta["namespace"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+        }
+        if container:
+            involved["fieldPath"] = f"spec.containers{{{container}}}"
+        event = {
+            "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta["namespace"]},
+            "involvedObject": involved,
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "reportingComponent": "kubelet",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.api.create(f"/api/v1/namespaces/{meta['namespace']}/events", event)
+        except ApiError as exc:
+            # Events are best effort: a namespace being deleted refuses them.
+            log.debug("event %s on %s/%s not recorded: %s", reason, meta["namespace"], meta["name"], exc)
+
     def claim_dir(self, namespace: str, claim: str) -> Path:
         """A PVC's data: its bound PV's local/hostPath path, else a directory per claim."""
         pvc = self.api.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -262,6 +263,7 @@ class PodWorker(threading.Thread):
     def _config_error(self, message: str) -> None:
         if self.config_error != message:
             log.info("pod %s/%s: %s", self.namespace, self.pod_name, message)
+            self.agent.post_event(self.pod, "Warning", "Failed", f"Error: {message}")
         self.config_error = message
         for c in self.containers:
             if not c.running and not c.state.get("terminated"):
@@ -344,6 +346,7 @@ class PodWorker(threading.Thread):
         log.info(
             "pod %s/%s: started container %s (pid %d)", self.namespace, self.pod_name, c.name, c.proc.pid
         )
+        self.agent.post_event(self.pod, "Normal", "Started", f"Started container {c.name}", c.name)
 
     def _reap(self, c: Container, now: float) -> None:
         """Notice a container that exited, record how, and schedule its restart."""
@@ -393,6 +396,9 @@ class PodWorker(threading.Thread):
             if now - c.started_mono > 2 * self.agent.max_restart_backoff_s:
                 delay = self.agent.restart_backoff_s
             c.last_state = {"terminated": terminated}
+            if delay >= 1:
+                message = f"Back-off restarting failed container {c.name} in pod {self.pod_name}"
+                self.agent.post_event(self.pod, "Warning", "BackOff", message, c.name)
             c.restart_count += 1
             c.next_start = now + delay
             c.state = {
@@ -431,6 +437,7 @@ class PodWorker(threading.Thread):
             os.kill(c.proc.pid, signal.SIGTERM)
         c.kill_deadline = time.monotonic() + grace
         c.kill_reason = reason
+        self.agent.post_event(self.pod, "Normal", "Killing", f"Stopping container {c.name}: {reason}", c.name)
 
     def _probe(self, c: Container, now: float) -> None:
         if c.kill_deadline is not None:
@@ -441,16 +448,30 @@ class PodWorker(threading.Thread):
             return self._exec(c, command, timeout)
 
         if c.startup is not None and c.startup.result is not True:
-            if c.startup.due(now) and c.startup.run(host, c.spec, run_exec) is False:
-                self._kill(c, self._grace(), "startup probe failed")
+            if c.startup.due(now):
+                self._run_probe(c, c.startup, "Startup", host, run_exec)
             return
-        if c.liveness is not None and c.liveness.due(now) and c.liveness.run(host, c.spec, run_exec) is False:
-            log.info(
-                "pod %s/%s: liveness probe failed: %s", self.namespace, self.pod_name, c.liveness.message
-            )
-            self._kill(c, self._grace(), "liveness probe failed")
+        if c.liveness is not None and c.liveness.due(now):
+            self._run_probe(c, c.liveness, "Liveness", host, run_exec)
         if c.readiness is not None and c.readiness.due(now):
-            c.readiness.run(host, c.spec, run_exec)
+            self._run_probe(c, c.readiness, "Readiness", host, run_exec)
+
+    def _run_probe(
+        self,
+        c: Container,
+        probe: ProbeState,
+        kind: str,
+        host: str,
+        run_exec: Callable[[list[str], float], int],
+    ) -> None:
+        result = probe.run(host, c.spec, run_exec)
+        if probe.message:
+            self.agent.post_event(
+                self.pod, "Warning", "Unhealthy", f"{kind} probe failed: {probe.message}", c.name
+            )
+        if result is False and kind != "Readiness":
+            # Like kubelet: a failed liveness or startup probe restarts the container.
+            self._kill(c, self._grace(), f"{kind.lower()} probe failed")
 
     def _exec(self, c: Container, command: list[str], timeout: float) -> int:
         """Run ``command`` in the pod's namespaces with the container's environment."""
