@@ -235,16 +235,11 @@ class LocalCluster:
 
     def _start_control_plane(self) -> None:
         state = self.state_dir
-        gateway = network.create_bridge(self.bridge, self.options.run_dir)
+        # Recorded first, so a crash right after creating it still gets the bridge reaped.
         (state / "bridge").write_text(self.bridge)
+        gateway = network.create_bridge(self.bridge, self.options.run_dir)
         self.gateway = str(gateway.ip)
-        self.pki = cluster_pki = pki.create_pki(
-            state / "pki",
-            server_ips=[self.gateway, "127.0.0.1", first_service_ip(self.gateway)],
-            server_names=API_SERVER_NAMES,
-        )
         etcd_port, etcd_peer_port = free_port(), free_port()
-        self.api_port = free_port(self.gateway)
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         peer_url = f"http://127.0.0.1:{etcd_peer_port}"
         self.components["etcd"] = Component(
@@ -264,6 +259,13 @@ class LocalCluster:
             ],
             state,
         )
+        # Certificates are made while etcd starts.
+        self.pki = cluster_pki = pki.create_pki(
+            state / "pki",
+            server_ips=[self.gateway, "127.0.0.1", first_service_ip(self.gateway)],
+            server_names=API_SERVER_NAMES,
+        )
+        self.api_port = free_port(self.gateway)
         self.components["kube-apiserver"] = Component(
             "kube-apiserver",
             [
