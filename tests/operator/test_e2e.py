@@ -1,9 +1,11 @@
-"""The operator end to end on a real cluster: `kubetune operator` as a process, real Jobs and pods.
+"""The operator end to end on a real cluster: real Jobs, pods, RBAC and Helm.
 
 Aspects:
-- a LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim trains, publishes its
+- the Helm chart installs the operator as a Deployment under its least-privilege ServiceAccount; a
+  LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim then trains, publishes its
   artifact on the claim and reports Succeeded with conditions, job name and result;
-- a bad dataset fails the FineTuneJob with the worker's reason and message, without retries;
+- (with `kubetune operator` as a local process) a bad dataset fails the FineTuneJob with the
+  worker's reason and message, without retries;
 - a suspended FineTuneJob creates a suspended Job and runs nothing;
 - the operator process logs no traceback.
 """
@@ -11,6 +13,7 @@ Aspects:
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,6 +79,23 @@ def claim_dir(cluster: ClusterHandle, namespace: str) -> Path:
     return path
 
 
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
+
+
+@pytest.fixture
+def operator_release(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[str]:
+    """The chart installed into the test namespace, watching it; uninstalled afterwards."""
+    release = f"kt-{secrets.token_hex(3)}"
+    cluster.helm(
+        "install", release, str(CHART), "--namespace", namespace, "--skip-crds",
+        "--set", f"operator.watchNamespaces={{{namespace}}}", "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    try:
+        yield release
+    finally:
+        cluster.helm("uninstall", release, "--namespace", namespace, check=False)
+
+
 def _finetunejob(name: str, dataset: str, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": v1alpha1.API_VERSION,
@@ -123,9 +143,18 @@ def _phase_is(cluster: ClusterHandle, namespace: str, name: str, *phases: str) -
     return obj if (obj.get("status") or {}).get("phase") in phases else None
 
 
-def test_lora_job_trains_and_publishes(
-    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+def test_helm_installed_operator_trains_and_publishes(
+    cluster: ClusterHandle, namespace: str, operator_release: str, claim_dir: Path
 ) -> None:
+    from kubernetes import client
+
+    (pod,) = (
+        client.CoreV1Api(cluster.api_client())
+        .list_namespaced_pod(namespace, label_selector=f"app.kubernetes.io/instance={operator_release}")
+        .items
+    )
+    assert pod.spec.service_account_name == f"{operator_release}-operator"  # type: ignore[union-attr]
+
     from kubetune.worker.testing import make_tiny_model, task_records, write_records
 
     make_tiny_model(claim_dir / "model")
@@ -150,6 +179,9 @@ def test_lora_job_trains_and_publishes(
     assert manifest["method"] == "lora"
     if "result" in status:
         assert status["result"]["uri"] == "pvc://data/out/tiny-lora"
+    # Least privilege held: nothing the operator tried was forbidden.
+    log = cluster.read_log(namespace, pod.metadata.name)  # type: ignore[union-attr]
+    assert "Forbidden" not in log and "Traceback" not in log, log[-4000:]
 
 
 def test_bad_dataset_fails_with_the_workers_reason(
