@@ -5,6 +5,7 @@ Aspects tested:
 - environment: ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (incl. ``status.podIP``),
   ``configMapKeyRef``, ``secretKeyRef``, ``envFrom`` with a prefix, ``KUBERNETES_SERVICE_*``;
 - volumes: configMap (with items), secret, downwardAPI, mounted read-only at their paths;
+- a running pod sees a ConfigMap update in its mounted volume within seconds;
 - a missing ConfigMap holds the container in CreateContainerConfigError until it appears;
 - ``restartPolicy: Always`` restarts a crashing container with backoff, counting restarts
   and keeping the previous run's exit code and log;
@@ -227,3 +228,22 @@ def test_kubectl_logs_reads_the_node_agents_files(cluster: ClusterHandle, namesp
     wait_for(lambda: phase_of(core, namespace, "talker") == "Succeeded", 60, description="talker to succeed")
     assert cluster.kubectl("logs", "-n", namespace, "talker").stdout == "line 1\nline 2\n"
     assert cluster.kubectl("logs", "-n", namespace, "talker", "--tail=1").stdout == "line 2\n"
+
+
+def test_configmap_volume_follows_updates(cluster: ClusterHandle, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "adapters"}, "data": {"list": "v1"}})
+    code = (
+        "import time\n"
+        "while open('/etc/adapters/list').read() != 'v2':\n"
+        "    time.sleep(0.1)\n"
+        "print('saw v2')\n"
+    )
+    container = manifests.python_container(
+        "main", code, volumeMounts=[{"name": "a", "mountPath": "/etc/adapters"}]
+    )
+    pod = manifests.pod("watcher", container, volumes=[{"name": "a", "configMap": {"name": "adapters"}}])
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(lambda: phase_of(core, namespace, "watcher") == "Running", 30, description="watcher to run")
+    core.patch_namespaced_config_map("adapters", namespace, {"data": {"list": "v2"}})
+    wait_for(lambda: phase_of(core, namespace, "watcher") == "Succeeded", 30, description="watcher to see v2")

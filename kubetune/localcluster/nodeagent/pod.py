@@ -29,7 +29,12 @@ from kubetune.localcluster.kubeapi import ApiError
 from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env
 from kubetune.localcluster.nodeagent.probes import ProbeState
 from kubetune.localcluster.nodeagent.services import hosts_entries, service_env
-from kubetune.localcluster.nodeagent.volumes import VolumeContext, container_mounts, prepare_volumes
+from kubetune.localcluster.nodeagent.volumes import (
+    VolumeContext,
+    container_mounts,
+    prepare_volumes,
+    refresh_volumes,
+)
 
 if TYPE_CHECKING:
     from kubetune.localcluster.nodeagent.agent import NodeAgent
@@ -38,6 +43,8 @@ JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
 LAUNCHER = Path(__file__).with_name("_launch.py")
 _TICK_S = 0.1
+# kubelet syncs ConfigMap/Secret volumes about once a minute; tests want to see changes sooner.
+_VOLUME_SYNC_S = 2.0
 # kubelet caps the termination message at 4 KiB, and the log fallback at 80 lines / 2 KiB.
 _MAX_MESSAGE = 4096
 _FALLBACK_LINES, _FALLBACK_BYTES = 80, 2048
@@ -109,6 +116,7 @@ class PodWorker(threading.Thread):
         ]
         self.config_error: str | None = None
         self.service_links: dict[str, str] = {}
+        self.volumes_synced = 0.0
         self.start_time = now_rfc3339()
         self.conditions: dict[str, JSON] = {}
         self.last_status: str | None = None
@@ -234,9 +242,16 @@ class PodWorker(threading.Thread):
             try:
                 self.volume_paths = prepare_volumes(self._volume_context(), self.pod, self.dir)
                 self.config_error = None
+                self.volumes_synced = now
             except (EnvError, ApiError) as exc:
                 self._config_error(str(exc))
                 return
+        elif now - self.volumes_synced >= _VOLUME_SYNC_S:
+            self.volumes_synced = now
+            try:
+                refresh_volumes(self._volume_context(), self.pod, self.dir)
+            except ApiError as exc:
+                log.warning("pod %s/%s: volume refresh failed: %s", self.namespace, self.pod_name, exc)
         init = [c for c in self.containers if c.init]
         pending_init = next((c for c in init if not c.succeeded), None)
         if pending_init is not None:

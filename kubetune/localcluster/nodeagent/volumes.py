@@ -3,7 +3,8 @@
 Every volume becomes a directory under the pod's directory except ``hostPath`` (the path
 itself) and ``persistentVolumeClaim`` (the bound PersistentVolume's local path, or a
 directory per claim that outlives the pod). ConfigMap, Secret, downward API and projected
-contents are written once at pod start; kubelet's periodic refresh is not implemented.
+contents are written at pod start and then kept in sync with their sources (see
+:func:`refresh_volumes`), like kubelet's periodic volume sync.
 """
 
 from __future__ import annotations
@@ -104,6 +105,60 @@ def _projected_files(ctx: VolumeContext, pod: JSON, projected: JSON) -> dict[str
     return files
 
 
+def _rendered(
+    ctx: VolumeContext, pod: JSON, volume: JSON
+) -> tuple[dict[str, tuple[bytes, int | None]], int | None]:
+    """The files a configMap/secret/downwardAPI/projected volume holds, and its default mode."""
+    for kind, render in (
+        ("configMap", lambda v: _object_files(ctx, "configmap", v)),
+        ("secret", lambda v: _object_files(ctx, "secret", v)),
+        ("downwardAPI", lambda v: _downward_files(pod, v.get("items", []))),
+        ("projected", lambda v: _projected_files(ctx, pod, v)),
+    ):
+        if kind in volume:
+            return render(volume[kind]), volume[kind].get("defaultMode")
+    raise EnvError(f"volume {volume['name']}: unsupported volume type {sorted(set(volume) - {'name'})}")
+
+
+def _sync_files(target: Path, files: dict[str, tuple[bytes, int | None]], default_mode: int | None) -> None:
+    """Make ``target`` hold exactly ``files``. Changed files are replaced by rename, so a
+    reader never sees half a file; the directory itself is what is bind-mounted, so the
+    container sees the new contents."""
+    for rel, (content, mode) in files.items():
+        path = target / rel
+        try:
+            if path.read_bytes() == content:
+                continue
+        except OSError:
+            pass
+        tmp = path.with_name(f".{path.name}.tmp")
+        _write(tmp, content, mode if mode is not None else default_mode)
+        os.replace(tmp, path)
+    wanted = {target / rel for rel in files}
+    for path in sorted(target.rglob("*"), reverse=True):
+        if path.is_file() and path not in wanted:
+            path.unlink()
+
+
+def refreshable(volume: JSON) -> bool:
+    """Volumes whose contents follow their sources, as kubelet's periodic sync does. Projected
+    volumes with a service-account token are left alone: tokens here last long enough."""
+    if "projected" in volume:
+        return not any("serviceAccountToken" in src for src in volume["projected"].get("sources", []))
+    return any(kind in volume for kind in ("configMap", "secret", "downwardAPI"))
+
+
+def refresh_volumes(ctx: VolumeContext, pod: JSON, pod_dir: Path) -> None:
+    """Bring configMap/secret/downwardAPI contents up to date with their sources."""
+    for volume in pod["spec"].get("volumes", []):
+        if refreshable(volume):
+            try:
+                files, default_mode = _rendered(ctx, pod, volume)
+            except EnvError:
+                continue  # a source that disappeared keeps its last contents, as in kubelet
+            _sync_files(pod_dir / "volumes" / volume["name"], files, default_mode)
+
+
 def prepare_volumes(ctx: VolumeContext, pod: JSON, pod_dir: Path) -> dict[str, Path]:
     """Create every volume of ``pod``; return volume name -> host path.
 
@@ -113,8 +168,6 @@ def prepare_volumes(ctx: VolumeContext, pod: JSON, pod_dir: Path) -> dict[str, P
     for volume in pod["spec"].get("volumes", []):
         name = volume["name"]
         target = pod_dir / "volumes" / name
-        files: dict[str, tuple[bytes, int | None]] | None = None
-        default_mode: int | None = None
         if "hostPath" in volume:
             host = Path(volume["hostPath"]["path"])
             if volume["hostPath"].get("type") in ("DirectoryOrCreate", None, "") and not host.exists():
@@ -127,24 +180,13 @@ def prepare_volumes(ctx: VolumeContext, pod: JSON, pod_dir: Path) -> dict[str, P
         if "persistentVolumeClaim" in volume:
             paths[name] = ctx.claim_dir(volume["persistentVolumeClaim"]["claimName"])
             continue
-        if "configMap" in volume:
-            files = _object_files(ctx, "configmap", volume["configMap"])
-            default_mode = volume["configMap"].get("defaultMode")
-        elif "secret" in volume:
-            files = _object_files(ctx, "secret", volume["secret"])
-            default_mode = volume["secret"].get("defaultMode")
-        elif "downwardAPI" in volume:
-            files = _downward_files(pod, volume["downwardAPI"].get("items", []))
-            default_mode = volume["downwardAPI"].get("defaultMode")
-        elif "projected" in volume:
-            files = _projected_files(ctx, pod, volume["projected"])
-            default_mode = volume["projected"].get("defaultMode")
-        elif "emptyDir" not in volume:
-            raise EnvError(f"volume {name}: unsupported volume type {sorted(set(volume) - {'name'})}")
         target.mkdir(parents=True, exist_ok=True)
-        os.chmod(target, 0o777 if "emptyDir" in volume else 0o755)
-        for rel, (content, mode) in (files or {}).items():
-            _write(target / rel, content, mode if mode is not None else default_mode)
+        if "emptyDir" in volume:
+            # Any user in the container may write an emptyDir, as with kubelet.
+            os.chmod(target, 0o777)
+        else:
+            os.chmod(target, 0o755)
+            _sync_files(target, *_rendered(ctx, pod, volume))
         paths[name] = target
     return paths
 
