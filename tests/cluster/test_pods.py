@@ -10,6 +10,7 @@ Aspects tested:
 - ``restartPolicy: Always`` restarts a crashing container with backoff, counting restarts
   and keeping the previous run's exit code and log;
 - a failing liveness probe gets the container killed and restarted, with kubelet's Events;
+- a preStop hook runs before the container gets SIGTERM;
 - a PersistentVolumeClaim of the default StorageClass is provisioned, bound, and keeps data
   from one pod to the next;
 - ``kubectl logs`` (and ``--tail``) is served from the node agent's log files;
@@ -247,3 +248,29 @@ def test_configmap_volume_follows_updates(cluster: ClusterHandle, namespace: str
     wait_for(lambda: phase_of(core, namespace, "watcher") == "Running", 30, description="watcher to run")
     core.patch_namespaced_config_map("adapters", namespace, {"data": {"list": "v2"}})
     wait_for(lambda: phase_of(core, namespace, "watcher") == "Succeeded", 30, description="watcher to see v2")
+
+
+def test_prestop_hook_runs_before_sigterm(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
+    if not cluster.is_local:
+        pytest.skip("observes the container through a hostPath on the node")
+    core = client.CoreV1Api(cluster.api_client())
+    code = (
+        "import os, signal, sys, time\n"
+        "def term(*_):\n"
+        "    seen = 'after preStop' if os.path.exists('/out/prestop') else 'no preStop'\n"
+        "    open('/out/term', 'w').write(seen)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "open('/out/started', 'w').write('yes')\n"
+        "while True: time.sleep(1)\n"
+    )
+    hook = {"exec": {"command": ["python", "-c", "open('/out/prestop', 'w').write('ran')"]}}
+    container = manifests.python_container(
+        "main", code, lifecycle={"preStop": hook}, volumeMounts=[{"name": "out", "mountPath": "/out"}]
+    )
+    volumes = [{"name": "out", "hostPath": {"path": str(tmp_path)}}]
+    core.create_namespaced_pod(namespace, manifests.pod("hooked", container, volumes=volumes))
+    wait_for(lambda: (tmp_path / "started").exists(), 30, description="the container to start")
+    core.delete_namespaced_pod("hooked", namespace)
+    wait_for(lambda: (tmp_path / "term").exists(), 30, description="SIGTERM to arrive")
+    assert (tmp_path / "term").read_text() == "after preStop"

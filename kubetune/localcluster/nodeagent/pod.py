@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError
 from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env
-from kubetune.localcluster.nodeagent.probes import ProbeState
+from kubetune.localcluster.nodeagent.probes import ProbeState, http_get
 from kubetune.localcluster.nodeagent.services import hosts_entries, service_env
 from kubetune.localcluster.nodeagent.volumes import (
     VolumeContext,
@@ -362,6 +362,11 @@ class PodWorker(threading.Thread):
             "pod %s/%s: started container %s (pid %d)", self.namespace, self.pod_name, c.name, c.proc.pid
         )
         self.agent.post_event(self.pod, "Normal", "Started", f"Started container {c.name}", c.name)
+        failure = self._run_hook(c, "postStart", self._grace() or 30.0)
+        if failure:
+            # kubelet kills a container whose postStart hook failed; it restarts per policy.
+            self.agent.post_event(self.pod, "Warning", "FailedPostStartHook", failure, c.name)
+            self._kill(c, self._grace(), "postStart hook failed")
 
     def _reap(self, c: Container, now: float) -> None:
         """Notice a container that exited, record how, and schedule its restart."""
@@ -445,9 +450,33 @@ class PodWorker(threading.Thread):
     def container_id(self, c: Container) -> str:
         return f"kubetune://{self.uid}/{c.name}/{c.restart_count}"
 
+    def _run_hook(self, c: Container, hook: str, timeout: float) -> str | None:
+        """Run the container's ``lifecycle`` hook; return why it failed, or None."""
+        handler = (c.spec.get("lifecycle") or {}).get(hook)
+        if not handler or timeout <= 0:
+            return None
+        try:
+            if "exec" in handler:
+                code = self._exec(c, handler["exec"]["command"], timeout)
+                return None if code == 0 else f"command exited with {code}"
+            if "httpGet" in handler:
+                ok, message = http_get(handler["httpGet"], self.pod_ip or "127.0.0.1", c.spec, timeout)
+                return None if ok else message
+            if "sleep" in handler:
+                time.sleep(min(float(handler["sleep"]["seconds"]), timeout))
+        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+            return str(exc)
+        return None
+
     def _kill(self, c: Container, grace: float, reason: str) -> None:
         if c.proc is None or c.kill_deadline is not None:
             return
+        started = time.monotonic()
+        failure = self._run_hook(c, "preStop", grace)
+        if failure:
+            self.agent.post_event(self.pod, "Warning", "FailedPreStopHook", failure, c.name)
+        # As in kubelet, the preStop hook's time comes out of the grace period.
+        grace = max(0.0, grace - (time.monotonic() - started))
         with contextlib.suppress(ProcessLookupError):
             os.kill(c.proc.pid, signal.SIGTERM)
         c.kill_deadline = time.monotonic() + grace
