@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "check FineTuneJob/AdapterDeployment manifests offline (for GitOps CI)",
     ),
     "train": ("kubetune.worker.train_cli", "run a TrainingPlan (the worker pod's entry point)"),
+    "serve": ("kubetune.worker.serve_cli", "serve a base model and adapters over an OpenAI-compatible API"),
 }
 
 
