@@ -11,6 +11,8 @@ Aspects tested:
   and keeping the previous run's exit code and log;
 - a failing liveness probe gets the container killed and restarted, with kubelet's Events;
 - a preStop hook runs before the container gets SIGTERM;
+- a sidecar (restartable init container) starts before the main container, serves it on
+  localhost, and is stopped once the main container is done;
 - a PersistentVolumeClaim of the default StorageClass is provisioned, bound, and keeps data
   from one pod to the next;
 - ``kubectl logs`` (and ``--tail``) is served from the node agent's log files;
@@ -274,3 +276,30 @@ def test_prestop_hook_runs_before_sigterm(cluster: ClusterHandle, namespace: str
     core.delete_namespaced_pod("hooked", namespace)
     wait_for(lambda: (tmp_path / "term").exists(), 30, description="SIGTERM to arrive")
     assert (tmp_path / "term").read_text() == "after preStop"
+
+
+def test_sidecar_runs_beside_a_job_and_is_stopped_after_it(cluster: ClusterHandle, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client())
+    sidecar = manifests.python_container(
+        "proxy",
+        manifests.HTTP_SERVER,
+        restartPolicy="Always",
+        env=[{"name": "POD_NAME", "value": "sidecar"}],
+        startupProbe={"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+    )
+    main = manifests.python_container(
+        "main",
+        "import urllib.request; print(urllib.request.urlopen('http://localhost:8000/').read().decode())",
+    )
+    core.create_namespaced_pod(namespace, manifests.pod("with-sidecar", main, initContainers=[sidecar]))
+    wait_for(
+        lambda: phase_of(core, namespace, "with-sidecar") in ("Succeeded", "Failed"),
+        60,
+        description="pod to finish",
+    )
+    assert phase_of(core, namespace, "with-sidecar") == "Succeeded", cluster.read_log(
+        namespace, "with-sidecar"
+    )
+    assert cluster.read_log(namespace, "with-sidecar", "main").strip() == "sidecar"
+    (proxy,) = core.read_namespaced_pod("with-sidecar", namespace).status.init_container_statuses
+    assert proxy.state.terminated is not None and proxy.restart_count == 0

@@ -82,6 +82,11 @@ class Container:
         return name
 
     @property
+    def sidecar(self) -> bool:
+        """A restartable init container: started in init order, then runs beside the app."""
+        return self.init and self.spec.get("restartPolicy") == "Always"
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -117,6 +122,7 @@ class PodWorker(threading.Thread):
         self.config_error: str | None = None
         self.service_links: dict[str, str] = {}
         self.volumes_synced = 0.0
+        self.completing = False  # main containers are done; sidecars are being stopped
         self.start_time = now_rfc3339()
         self.conditions: dict[str, JSON] = {}
         self.last_status: str | None = None
@@ -253,27 +259,47 @@ class PodWorker(threading.Thread):
             except ApiError as exc:
                 log.warning("pod %s/%s: volume refresh failed: %s", self.namespace, self.pod_name, exc)
         init = [c for c in self.containers if c.init]
-        pending_init = next((c for c in init if not c.succeeded), None)
-        if pending_init is not None:
-            if pending_init.finished:
+        for c in init:
+            # Init containers run one at a time; a sidecar (restartable init container) only
+            # has to have started before the next one runs, and keeps running.
+            if c.sidecar:
+                if self.completing:
+                    continue
+                self._start_if_due(c, now)
+                if c.running:
+                    self._probe(c, now)
+                if c.started:
+                    continue
+            elif c.succeeded:
+                continue
+            elif c.finished:
                 self.terminal_phase = "Failed"  # an init container failed under restartPolicy Never
-            elif not pending_init.running and now >= pending_init.next_start:
-                self._start(pending_init)
-            incomplete = " ".join(c.name for c in init if not c.succeeded)
+            else:
+                self._start_if_due(c, now)
+            incomplete = " ".join(i.name for i in init if not (i.started if i.sidecar else i.succeeded))
             message = f"containers with incomplete status: [{incomplete}]"
             self.conditions_set("Initialized", False, "ContainersNotInitialized", message)
             return
         self.conditions_set("Initialized", True)
         apps = [c for c in self.containers if not c.init]
-        for c in apps:
-            if not c.running and not c.finished and now >= c.next_start and c.kill_deadline is None:
-                self._start(c)
-        for c in apps:
+        sidecars = [c for c in init if c.sidecar]
+        for c in apps + sidecars:
+            if not self.completing:
+                self._start_if_due(c, now)
             if c.running:
                 self._probe(c, now)
         if all(c.finished for c in apps):
-            failed = any(c.state.get("terminated", {}).get("exitCode", 0) != 0 for c in apps)
-            self.terminal_phase = "Failed" if failed else "Succeeded"
+            # Sidecars are stopped once the main containers are done, and do not decide the phase.
+            self.completing = True
+            for c in sidecars:
+                self._kill(c, self._grace(), "main containers completed")
+            if not any(c.proc is not None for c in sidecars):
+                failed = any(c.state.get("terminated", {}).get("exitCode", 0) != 0 for c in apps)
+                self.terminal_phase = "Failed" if failed else "Succeeded"
+
+    def _start_if_due(self, c: Container, now: float) -> None:
+        if not c.running and not c.finished and now >= c.next_start and c.kill_deadline is None:
+            self._start(c)
 
     def _config_error(self, message: str) -> None:
         if self.config_error != message:
@@ -347,7 +373,7 @@ class PodWorker(threading.Thread):
         c.started_mono = time.monotonic()
         c.state = {"running": {"startedAt": c.started_at}}
         c.kill_deadline = None
-        if not c.init:
+        if not c.init or c.sidecar:
             probes = c.spec
             c.startup = (
                 ProbeState(probes["startupProbe"], c.started_mono) if "startupProbe" in probes else None
@@ -403,12 +429,15 @@ class PodWorker(threading.Thread):
         if c.init:
             c.succeeded = exit_code == 0
         restart = (
-            (c.init and exit_code != 0 and self.restart_policy != "Never")
+            c.sidecar
+            or (c.init and exit_code != 0 and self.restart_policy != "Never")
             or (not c.init and self.restart_policy == "Always")
             or (not c.init and self.restart_policy == "OnFailure" and exit_code != 0)
             or (killed_by_probe and self.restart_policy != "Never")
         )
-        if (c.init and exit_code == 0) or not restart:
+        if c.sidecar and self.completing:
+            restart = False
+        if (c.init and not c.sidecar and exit_code == 0) or not restart:
             c.finished = True
         else:
             delay = min(self.agent.restart_backoff_s * 2**c.restart_count, self.agent.max_restart_backoff_s)
@@ -614,7 +643,7 @@ class PodWorker(threading.Thread):
             self.conditions_set("Ready", False, "PodCompleted")
             self.conditions_set("PodReadyToStartContainers", False)
         else:
-            unready = [c.name for c in apps if not c.ready]
+            unready = [c.name for c in apps + [c for c in self.containers if c.sidecar] if not c.ready]
             message = f"containers with unready status: [{' '.join(unready)}]" if unready else ""
             self.conditions_set(
                 "ContainersReady", not unready, "ContainersNotReady" if unready else "", message
