@@ -220,6 +220,14 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         }
 
 
+def lr_cell(row: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The chosen learning rate, starred when it is the edge of a grid of several (a better one may lie
+    beyond)."""
+    grid = sorted(settings["learning_rates"].get(row["method"], ()))
+    edge = len(grid) > 1 and row["learning_rate"] in (grid[0], grid[-1])
+    return f"{row['learning_rate']:g}{' *' if edge else ''}"
+
+
 def render_markdown(document: dict[str, Any]) -> str:
     env = document["environment"]
     settings = document["settings"]
@@ -263,7 +271,7 @@ def render_markdown(document: dict[str, Any]) -> str:
             [
                 [
                     row["method"],
-                    row["learning_rate"],
+                    lr_cell(row, settings),
                     row["trainable_parameters"],
                     row["trainable_percent"],
                     mib(row["training_memory_bytes"]),
@@ -353,6 +361,7 @@ def render_markdown(document: dict[str, Any]) -> str:
         "- Losses are mean nats per completion token (the cipher answer and EOS); retention loss is on "
         "text the base was pretrained on. Retention delta = after - before: positive means forgetting.",
         "- *quality recovered* = (eval loss before - method's eval loss) / (before - full's eval loss).",
+        "- A starred learning rate is the edge of the method's grid: a rate beyond it might do better.",
         "- *training memory* counts the tensors one step holds (weights, gradients, AdamW state, saved "
         "activations). *Peak RSS* is what the engine reports on CPU: the whole process, dominated by the "
         "runtime at this model size, so it barely moves between methods.",
@@ -425,12 +434,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "method_comparison")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="method_comparison", help="results file name, without suffix")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        default=None,
+        help="only rewrite the markdown beside an existing results JSON (no training)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.render is not None:
+        document = json.loads(args.render.read_text(encoding="utf-8"))
+        args.render.with_suffix(".md").write_text(render_markdown(document), encoding="utf-8")
+        return 0
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
