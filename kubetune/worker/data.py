@@ -314,7 +314,7 @@ def tokenize_records(
     for example in examples:
         ids, labels = example.input_ids[:max_length], example.labels[:max_length]
         # Position 0 is never predicted (labels shift by one inside the model).
-        if any(label != IGNORE_INDEX for label in labels[1:]):
+        if labels[1:].count(IGNORE_INDEX) < len(labels) - 1:
             kept.append(Example(ids, labels))
     if not kept:
         raise DatasetInvalid(f"{name}: no record has a token to learn within max_seq_length {max_length}")

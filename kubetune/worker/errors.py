@@ -2,7 +2,8 @@
 
 Torch-free, so the operator can map a pod's exit code (or the ``Reason:`` prefix of its termination
 message) to a condition reason and decide whether a retry can help. Codes stay below 128 because
-128+N means "killed by signal N" to Kubernetes.
+128+N means "killed by signal N" to Kubernetes; the one exception is ``Preempted`` (143), which
+reports exactly that: the process stopped on SIGTERM, after saving a checkpoint.
 
 =====  ======================  =========  ==========================================================
 code   reason                  retryable  meaning
@@ -20,6 +21,7 @@ code   reason                  retryable  meaning
 19     SourceUnavailable       yes        network or storage trouble while fetching inputs
 20     TrainingDiverged        no         the loss became NaN or infinite
 21     AccessDenied            no         credentials missing or rejected for a model/dataset
+143    Preempted               yes        SIGTERM: a checkpoint was written; run again to resume
 =====  ======================  =========  ==========================================================
 """
 
@@ -90,6 +92,12 @@ class AccessDenied(KubetuneError):
     reason, exit_code, retryable = "AccessDenied", 21, False
 
 
+class Preempted(KubetuneError):
+    """SIGTERM turned into a checkpoint. 143 is what a SIGTERM'd process reports anyway (128 + 15)."""
+
+    reason, exit_code, retryable = "Preempted", 143, True
+
+
 ERROR_TYPES: tuple[type[KubetuneError], ...] = (
     KubetuneError,
     PlanInvalid,
@@ -104,6 +112,7 @@ ERROR_TYPES: tuple[type[KubetuneError], ...] = (
     SourceUnavailable,
     TrainingDiverged,
     AccessDenied,
+    Preempted,
 )
 
 #: exit code -> reason, for the operator.

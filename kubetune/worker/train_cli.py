@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = _read_plan(args)
         termination_path = termination_path or plan.progress.termination_message_path
-        from kubetune.worker.engine import train  # torch is imported here, not when the CLI is built
+        from kubetune.worker.engine import configure_threads, train  # torch is imported only here
 
+        # The process, not the library, owns the thread pool: in-process callers keep their settings.
+        configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         manifest = train(plan)
     except KubetuneError as exc:
         message = exc.termination_message()
