@@ -4,9 +4,12 @@
 # helm from the Go module proxy into $(KUBETUNE_CACHE) (default ~/.cache/kubetune); the
 # script is a no-op once they are cached, so it runs before every `make test`.
 
-.PHONY: cluster-build cluster-up cluster-down
+.PHONY: cluster-build cluster-up cluster-down cluster-env
 
 CLUSTER_NAME ?= dev
+# The pinned helm, for recipes: `$(HELM) install ...` (expanded when the recipe runs, after
+# cluster-build).
+HELM = $$(bash hack/localcluster/build.sh --print-paths | sed -n 's/^helm=//p')
 
 cluster-build:
 	@bash hack/localcluster/build.sh >/dev/null
@@ -16,5 +19,10 @@ cluster-up: venv cluster-build
 
 cluster-down: venv
 	$(PY) -m kubetune.localcluster down --name $(CLUSTER_NAME)
+
+# eval "$(make -s cluster-env)": KUBECONFIG for the running cluster, helm and kubectl on PATH.
+cluster-env: cluster-build
+	@echo "export KUBECONFIG=$$($(PY) -m kubetune.localcluster status --name $(CLUSTER_NAME))"
+	@echo "export PATH=$$(dirname $(HELM)):$(CURDIR)/$(VENV)/bin:\$$PATH"
 
 TEST_PREREQS += cluster-build
