@@ -54,9 +54,47 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     files = file_inventory(directory)
     document = {"manifest_version": MANIFEST_VERSION, **manifest, "files": files}
     document["size_bytes"] = sum(entry["size"] for entry in files.values())
-    path = directory / MANIFEST
-    path.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    (directory / MANIFEST).write_bytes(manifest_bytes(document))
     return document
+
+
+def manifest_bytes(document: dict[str, Any]) -> bytes:
+    """The exact bytes of ``kubetune.json`` for a manifest document."""
+    return (json.dumps(document, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
+def artifact_sha256(document: dict[str, Any]) -> str:
+    """sha256 of ``kubetune.json``, which lists the sha256 of every other file: the artifact's identity."""
+    return hashlib.sha256(manifest_bytes(document)).hexdigest()
+
+
+def success_summary(document: dict[str, Any], uri: str, limit: int = 4000) -> str:
+    """One-line JSON for the termination message of a successful run (the operator's ``status.result``).
+
+    Keys: ``uri``, ``sha256`` (of ``kubetune.json``), ``sizeBytes``, ``format``, ``metrics`` and
+    ``progress`` (the final step). Metrics are dropped if the line would exceed ``limit`` bytes, since
+    the kubelet keeps only 4096.
+    """
+    metrics = document.get("metrics", {})
+    summary: dict[str, Any] = {
+        "uri": uri,
+        "sha256": artifact_sha256(document),
+        "sizeBytes": document.get("size_bytes", 0),
+        "format": document.get("format"),
+        "metrics": {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
+        "progress": {
+            "step": metrics.get("steps"),
+            "totalSteps": metrics.get("steps"),
+            "epoch": metrics.get("epochs"),
+            "loss": metrics.get("train_loss"),
+            "evalLoss": metrics.get("eval_loss"),
+        },
+    }
+    text = json.dumps(summary, separators=(",", ":"), default=str)
+    if len(text.encode()) > limit:
+        summary.pop("metrics")
+        text = json.dumps(summary, separators=(",", ":"), default=str)
+    return text
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

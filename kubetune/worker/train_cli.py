@@ -3,7 +3,10 @@
 The plan comes from ``--plan FILE`` or, failing that, the ``KUBETUNE_PLAN`` environment variable (JSON
 text or a path). Exit status: 0 on success, otherwise the failure's code from
 :mod:`kubetune.worker.errors` (143 after a SIGTERM was turned into a checkpoint), with one line
-``Reason: message`` written to the termination message path.
+``Reason: message`` written to the termination message path. On success rank 0 writes a one-line JSON
+summary there instead (:func:`kubetune.worker.artifact.success_summary`: uri, sha256 of
+``kubetune.json``, sizeBytes, format, metrics, final progress), which the operator copies into
+``status.result``.
 
 Nothing heavy is imported at module level: ``kubetune.cli`` imports this module to build its parser.
 """
@@ -80,5 +83,11 @@ def run(args: argparse.Namespace) -> int:
         write_termination_message(termination_path or "/dev/termination-log", error.termination_message())
         return error.exit_code
     if manifest:
+        from kubetune.worker.artifact import success_summary
+
         logger.info("done: %s", manifest.get("metrics", {}))
+        if os.environ.get("RANK", "0") == "0":
+            write_termination_message(
+                termination_path or "/dev/termination-log", success_summary(manifest, plan.output.uri)
+            )
     return 0

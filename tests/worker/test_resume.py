@@ -6,12 +6,15 @@ Aspects:
 - at most keep_checkpoints checkpoints exist, and they are removed once the artifact is published;
 - the progress file follows the run and records the step it resumed from;
 - SIGTERM (preemption) writes a checkpoint at the current step and exits 143 with a Preempted message;
+- success writes a JSON summary (uri, sha256 of kubetune.json, size, format, metrics) as the
+  termination message;
 - a rerun after success finds the published artifact and does nothing;
 - a checkpoint from a different plan is ignored rather than loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -97,6 +100,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(
     assert second.wait(180) == 0, log.read_text()[-3000:]
     manifest = json.loads((output / "kubetune.json").read_text())
     assert manifest["metrics"]["resumed_from_step"] == newest
+    # Success leaves the operator a one-line summary naming the artifact by its manifest's sha256.
+    summary = json.loads(Path(plan["progress"]["termination_message_path"]).read_text())
+    assert summary["sha256"] == hashlib.sha256((output / "kubetune.json").read_bytes()).hexdigest()
+    assert summary["uri"] == str(output) and summary["format"] == "peft"
+    assert summary["sizeBytes"] == manifest["size_bytes"] and summary["progress"]["step"] == STEPS
     assert manifest["metrics"]["steps"] == STEPS
     assert not checkpoints.exists()
     progress = ProgressReport.model_validate_json(
