@@ -139,8 +139,8 @@ _ARCHITECTURES: tuple[_Architecture, ...] = (
 class BottleneckAdapter(nn.Module):
     """``h + scaling * up(dropout(act(down(h))))`` with ``up`` zero-initialised.
 
-    Runs in its own dtype (float32 unless the base layer's floating-point weights are in another)
-    and casts back, so it also works behind 4-bit or bf16 base layers.
+    Keeps float32 weights (float64 behind a float64 base), computes in them and casts its output back
+    to the hidden states' dtype, so it trains stably behind bf16, fp16 or 4-bit base layers.
     """
 
     def __init__(self, hidden_size: int, config: BottleneckConfig, *, dtype: torch.dtype) -> None:
@@ -210,10 +210,10 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 def _adapter_dtype(layer: nn.Module) -> torch.dtype:
-    # Quantised base weights are integer tensors; the adapter then trains in float32.
-    for param in layer.parameters():
-        if param.is_floating_point():
-            return param.dtype
+    # float32 master weights behind bf16/fp16 (autocast still runs the matmuls in half precision) and
+    # 4-bit bases, as PEFT's autocast_adapter_dtype does; only a float64 base gets float64 adapters.
+    if any(param.dtype == torch.float64 for param in layer.parameters()):
+        return torch.float64
     return torch.float32
 
 

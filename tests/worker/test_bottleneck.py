@@ -2,6 +2,7 @@
 
 Aspects:
 - identity at init: the adapted model's logits equal the base model's exactly (both placements);
+- adapter weights stay float32 behind a bfloat16 base, and the output keeps the base's dtype;
 - only adapter parameters are trainable, and their count matches ``bottleneck_parameter_count``;
 - Houlsby has exactly twice Pfeiffer's parameters;
 - a few optimiser steps reduce the loss (the adapters learn; the base stays frozen);
@@ -105,6 +106,17 @@ def test_adapted_model_computes_the_base_model_at_init(build: Any, placement: st
     adapted = add_bottleneck_adapters(base, BottleneckConfig(bottleneck_size=8, placement=placement))
     assert adapted is base
     assert torch.equal(logits(adapted, ids), expected)
+
+
+def test_adapters_keep_float32_weights_behind_a_bfloat16_base() -> None:
+    base = tiny_llama().to(torch.bfloat16)
+    ids = batch()
+    expected = logits(base, ids)
+    model = add_bottleneck_adapters(base, BottleneckConfig(bottleneck_size=8))
+    adapter_dtypes = {p.dtype for name, p in model.named_parameters() if "kubetune_bottleneck" in name}
+    assert adapter_dtypes == {torch.float32}
+    output = logits(model, ids)
+    assert output.dtype == torch.bfloat16 and torch.equal(output, expected)
 
 
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
