@@ -16,8 +16,11 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import pytest
@@ -52,10 +55,28 @@ def cluster() -> Iterator[ClusterHandle]:
         if os.environ.get("KUBETUNE_SKIP_CLUSTER"):
             pytest.skip(f"no local cluster: {exc}")
         pytest.fail(f"could not start the local cluster: {exc}", pytrace=False)
+    previous = _stop_on_sigterm()
     try:
         yield ClusterHandle(local.kubeconfig, local)
     finally:
         local.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm() -> signal.Handlers | None:
+    """Turn SIGTERM (CI timeouts, `kill`) into KeyboardInterrupt so fixture finalizers stop
+    the cluster; pytest's default is to die at once, leaving containers to the next reaper."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return signal.SIG_DFL
 
 
 @pytest.fixture(scope="session")
