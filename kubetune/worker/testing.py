@@ -68,11 +68,13 @@ def make_tiny_model(
     size: Literal["tiny", "small"] = "tiny",
     seed: int = 0,
     pretrain_steps: int = 0,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny Llama + tokenizer to ``directory`` (created) and return it.
 
     ``pretrain_steps`` > 0 trains the model first on :func:`retention_records` (batch 16, lr 3e-3),
-    which takes about a second per 20 steps for ``tiny`` on one CPU core.
+    which takes about a second per 20 steps for ``tiny`` on one CPU core. ``config_overrides`` are
+    applied to the ``LlamaConfig`` (e.g. ``{"intermediate_size": 120}``).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,6 +95,7 @@ def make_tiny_model(
         num_hidden_layers=SIZES[size]["num_hidden_layers"],
         num_attention_heads=SIZES[size]["num_attention_heads"],
     )
+    config.update(config_overrides or {})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if pretrain_steps:

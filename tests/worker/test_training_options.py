@@ -5,6 +5,7 @@ Aspects:
   accumulation, and the model still learns;
 - gradient checkpointing trains for full, lora and qlora (prefix opts out);
 - bf16 autocast on CPU trains;
+- qlora trains on a model whose layer widths are not multiples of 32 (bitsandbytes' CPU repacking);
 - the forgetting measure: on a base pretrained on the retention distribution, retention loss starts low
   and full fine-tuning on another task raises it (retention_delta > 0), as reported in the manifest;
 - periodic evaluation and TensorBoard logs land in the artifact;
@@ -71,6 +72,15 @@ def test_bf16_on_cpu_trains(tmp_path: Path, tiny_model: Path, task_files: dict[s
     metrics = _train(plan)["metrics"]
     assert metrics["precision"] == "bf16"
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+def test_qlora_with_odd_layer_widths(tmp_path: Path, task_files: dict[str, Path]) -> None:
+    from kubetune.worker.testing import make_tiny_model
+
+    odd = make_tiny_model(tmp_path / "odd", config_overrides={"intermediate_size": 120})
+    plan = plan_dict(odd, task_files["completion"], tmp_path / "out", method={"type": "qlora"})
+    metrics = _train(plan)["metrics"]
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.01
 
 
 def test_forgetting_is_measured(tmp_path: Path, task_files: dict[str, Path]) -> None:

@@ -43,8 +43,23 @@ def load_kwargs(spec: MethodSpec, context: BuildContext) -> dict[str, Any]:
     }
 
 
+def _keep_cpu_weights_unpacked(model: Any) -> None:
+    """Turn off bitsandbytes' CPU inference repacking for this run.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` called in eval mode without gradients (our evaluations)
+    repacks its weight in place into a layout that needs ``out_features`` divisible by 32 (it asserts
+    otherwise: 688-wide MLPs fail) and that then differs from what training and the state dict expect.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if context.device == "cpu":
+        _keep_cpu_weights_unpacked(model)
 
     # Casts norms to fp32 and freezes the quantised base; checkpointing must be set up here, not later,
     # because the preparation hooks the input embeddings for it.
