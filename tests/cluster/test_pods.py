@@ -13,6 +13,7 @@ Aspects tested:
 - a preStop hook runs before the container gets SIGTERM;
 - a sidecar (restartable init container) starts before the main container, serves it on
   localhost, and is stopped once the main container is done;
+- a ``hostNetwork`` pod gets the node's address as its IP;
 - a PersistentVolumeClaim of the default StorageClass is provisioned, bound, and keeps data
   from one pod to the next;
 - ``kubectl logs`` (and ``--tail``) is served from the node agent's log files;
@@ -303,3 +304,17 @@ def test_sidecar_runs_beside_a_job_and_is_stopped_after_it(cluster: ClusterHandl
     assert cluster.read_log(namespace, "with-sidecar", "main").strip() == "sidecar"
     (proxy,) = core.read_namespaced_pod("with-sidecar", namespace).status.init_container_statuses
     assert proxy.state.terminated is not None and proxy.restart_count == 0
+
+
+def test_host_network_pod_shares_the_node_address(cluster: ClusterHandle, namespace: str) -> None:
+    if not cluster.is_local:
+        pytest.skip("compares with the local node's address")
+    core = client.CoreV1Api(cluster.api_client())
+    env = [{"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    container = manifests.python_container("main", "import os; print(os.environ['IP'])", env=env)
+    core.create_namespaced_pod(namespace, manifests.pod("hostnet", container, hostNetwork=True))
+    wait_for(
+        lambda: phase_of(core, namespace, "hostnet") == "Succeeded", 30, description="hostnet to succeed"
+    )
+    pod = core.read_namespaced_pod("hostnet", namespace)
+    assert pod.status.pod_ip == pod.status.host_ip == cluster.read_log(namespace, "hostnet").strip()

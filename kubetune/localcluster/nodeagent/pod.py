@@ -190,17 +190,25 @@ class PodWorker(threading.Thread):
 
     # -- sandbox ---------------------------------------------------------------------------------
 
+    @property
+    def host_network(self) -> bool:
+        return bool(self.spec.get("hostNetwork"))
+
     def _setup_sandbox(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.pod_ip = self.reported_ip = self.agent.allocate_ip(self.uid)
-        record = self.agent.cluster_state / "netns" / self.netns
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(self.host_veth)
-        self.agent.sandboxes[self.uid] = (self.netns, self.host_veth)
-        network.create_pod_netns(
-            self.netns, self.host_veth, self.agent.bridge,
-            ipaddress.IPv4Interface(f"{self.pod_ip}/{self.agent.prefix_len}"), self.agent.gateway,
-        )  # fmt: skip
+        if self.host_network:
+            # The node's address is the bridge gateway; processes share the host's network.
+            self.reported_ip = self.agent.gateway
+        else:
+            self.pod_ip = self.reported_ip = self.agent.allocate_ip(self.uid)
+            record = self.agent.cluster_state / "netns" / self.netns
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(self.host_veth)
+            self.agent.sandboxes[self.uid] = (self.netns, self.host_veth)
+            network.create_pod_netns(
+                self.netns, self.host_veth, self.agent.bridge,
+                ipaddress.IPv4Interface(f"{self.pod_ip}/{self.agent.prefix_len}"), self.agent.gateway,
+            )  # fmt: skip
         services = self.agent.api.get("/api/v1/services")["items"]
         if self.spec.get("enableServiceLinks", True):
             self.service_links = service_env(
@@ -211,7 +219,7 @@ class PodWorker(threading.Thread):
             "# Kubernetes-managed hosts file (kubetune node agent); Services as of pod start.",
             "127.0.0.1\tlocalhost",
             "::1\tlocalhost ip6-localhost ip6-loopback",
-            f"{self.pod_ip}\t{self.hostname}",
+            f"{self.reported_ip}\t{self.hostname}",
             *hosts_entries(services, self.namespace),
         ]
         hosts.write_text("\n".join(lines) + "\n")
@@ -326,15 +334,21 @@ class PodWorker(threading.Thread):
             "argv": argv,
             "env": env,
             "log": str(log_path),
-            "netns": f"/run/netns/{self.netns}",
+            "netns": None if self.host_network else f"/run/netns/{self.netns}",
             "hostname": self.hostname,
             "mounts": mounts,
             "workingDir": c.spec.get("workingDir"),
         }
 
     def _env(self, c: Container) -> dict[str, str]:
-        status = {**self.pod.get("status", {}), "podIP": self.pod_ip, "podIPs": [{"ip": self.pod_ip}],
-                  "hostIP": self.agent.gateway, "hostIPs": [{"ip": self.agent.gateway}]}  # fmt: skip
+        # The pod's status may not carry its IP yet when its first container starts.
+        status = {
+            **self.pod.get("status", {}),
+            "podIP": self.reported_ip,
+            "podIPs": [{"ip": self.reported_ip}],
+            "hostIP": self.agent.gateway,
+            "hostIPs": [{"ip": self.agent.gateway}],
+        }
         return container_env(
             {**self.pod, "status": status},
             c.spec,
@@ -489,7 +503,7 @@ class PodWorker(threading.Thread):
                 code = self._exec(c, handler["exec"]["command"], timeout)
                 return None if code == 0 else f"command exited with {code}"
             if "httpGet" in handler:
-                ok, message = http_get(handler["httpGet"], self.pod_ip or "127.0.0.1", c.spec, timeout)
+                ok, message = http_get(handler["httpGet"], self.reported_ip or "127.0.0.1", c.spec, timeout)
                 return None if ok else message
             if "sleep" in handler:
                 time.sleep(min(float(handler["sleep"]["seconds"]), timeout))
@@ -515,7 +529,7 @@ class PodWorker(threading.Thread):
     def _probe(self, c: Container, now: float) -> None:
         if c.kill_deadline is not None:
             return
-        host = self.pod_ip or "127.0.0.1"
+        host = self.reported_ip or "127.0.0.1"
 
         def run_exec(command: list[str], timeout: float) -> int:
             return self._exec(c, command, timeout)
