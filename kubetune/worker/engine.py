@@ -42,6 +42,7 @@ from kubetune.worker.errors import (
     ModelInvalid,
     ModelNotFound,
     OutOfMemory,
+    OutputError,
     PlanInvalid,
     Preempted,
     TrainingDiverged,
@@ -516,8 +517,9 @@ def train(plan: TrainingPlan) -> dict[str, Any]:
     """Run ``plan`` to completion and return the manifest (rank 0) or ``{}`` (other ranks).
 
     Raises :class:`~kubetune.worker.errors.KubetuneError` subclasses for failures a user can act on.
-    If the output already holds a complete artifact the run is a no-op returning its manifest, so a
-    restarted pod whose predecessor finished does not train twice.
+    If the output already holds this plan's artifact the run is a no-op returning its manifest, so a
+    restarted pod whose predecessor finished does not train twice; another plan's artifact there is an
+    :class:`~kubetune.worker.errors.OutputError`.
     """
     started = time.monotonic()
     dist = init_distributed()
@@ -563,9 +565,15 @@ def _train(
     training = plan.training
     reporter.update(phase="loading", world_size=dist.world_size)
     if final is not None and artifact.check_output_free(final):
-        logger.info("%s already holds a complete artifact; nothing to do", final)
+        existing = artifact.read_manifest(final) or {}
+        # Only this plan's own artifact counts as done; another job's must not be passed off as ours.
+        if existing.get("plan_fingerprint") != plan_fingerprint(plan):
+            raise OutputError(
+                f"{final}: holds the artifact of a different training plan; choose another output"
+            )
+        logger.info("%s already holds this plan's artifact; nothing to do", final)
         reporter.update(phase="succeeded", message="already published")
-        return artifact.read_manifest(final) or {}
+        return existing
 
     loaded = _load_dataset_records(plan)
     model_dir = sources.resolve_model(plan.model.uri, plan.model.revision, plan.model.token_env, plan.storage)

@@ -220,7 +220,8 @@ class OutputSpec(_Model):
     work_dir: str | None = Field(
         default=None,
         description="Local directory for checkpoints, staging and TensorBoard logs; must survive a pod "
-        "restart for resume to work. Default: `.<name>.kubetune/` beside a local output, else required.",
+        "restart for resume to work. Default: `.<name>.kubetune/` beside a local output, else "
+        "`<storage.cache_dir>/work/<plan name>`.",
     )
 
 

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 
-def _torch_threads() -> None:
-    # Subprocesses (and the engine's own thread sizing) follow this too.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the machine is shared with other builds."""
     try:
         import torch
     except ImportError:  # the torch-free tests still run
+        yield
         return
-    # Tiny models are fastest on one thread, and the machine is shared with other builds.
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-
-
-_torch_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

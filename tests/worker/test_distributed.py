@@ -51,7 +51,9 @@ def test_two_process_gloo_run_publishes_one_artifact(
     # 20 steps x 2 ranks x 8 sequences: more tokens than one rank alone could have read.
     assert metrics["train_tokens"] > 20 * 8 * 10
     assert result.stderr.count("published") == 1
-    assert sorted(p.name for p in output.parent.iterdir()) == [".ddp.kubetune", "ddp"]
+    assert sorted(p.name for p in output.parent.iterdir()) == [".ddp.kubetune", "ddp", "ddp.termination"]
+    summary = json.loads((output.parent / "ddp.termination").read_text())
+    assert summary["metrics"]["world_size"] == 2
 
 
 def test_ranks_read_disjoint_batches() -> None:

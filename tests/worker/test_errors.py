@@ -147,6 +147,14 @@ def output_taken(tmp: Path, model: Path, good: Path) -> tuple[Any, int, str]:
     return (_plan(model, good, tmp), 17, f"OutputError: {taken}: exists and is not a kubetune artifact")
 
 
+def output_holds_another_plans_artifact(tmp: Path, model: Path, good: Path) -> tuple[Any, int, str]:
+    taken = tmp / "out" / "artifact"
+    taken.mkdir(parents=True)
+    (taken / "kubetune.json").write_text(json.dumps({"method": "lora", "plan_fingerprint": "another plan"}))
+    message = f"OutputError: {taken}: holds the artifact of a different training plan; choose another output"
+    return (_plan(model, good, tmp), 17, message)
+
+
 def fp16_on_cpu(tmp: Path, model: Path, good: Path) -> tuple[Any, int, str]:
     return (
         _plan(model, good, tmp, training={"precision": "fp16"}),
@@ -181,6 +189,7 @@ CASES: list[Case] = [
     model_config_broken,
     unknown_target,
     output_taken,
+    output_holds_another_plans_artifact,
     fp16_on_cpu,
     path_escape,
     plan_typo,
@@ -199,7 +208,8 @@ def test_bad_input_fails_fast_with_code_and_message(
     assert time.monotonic() - started < 20
     written = termination.read_text()
     assert written.count("\n") == 1 and written.startswith(message), written
-    assert not (tmp_path / "out" / "artifact" / "kubetune.json").exists()
+    if case is not output_holds_another_plans_artifact:
+        assert not (tmp_path / "out" / "artifact" / "kubetune.json").exists()
 
 
 def test_dataset_is_checked_before_the_model(tmp_path: Path) -> None:
