@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,3 +102,24 @@ class KubeAPI:
                         yield json.loads(line)
         finally:
             resp.release_conn()
+
+
+def wake_on_changes(api: KubeAPI, path: str, wake: threading.Event, stopping: threading.Event) -> None:
+    """Set ``wake`` whenever something under the collection ``path`` changes, until ``stopping``.
+
+    For loops that recompute from a fresh list anyway: a watch is cheaper than polling the
+    apiserver several times a second, and reacts sooner.
+    """
+    while not stopping.is_set():
+        try:
+            version = api.get(path, limit=1)["metadata"]["resourceVersion"]
+            wake.set()
+            for event in api.watch(path, version, timeout_s=60):
+                if event["type"] == "ERROR":
+                    break
+                if event["type"] != "BOOKMARK":
+                    wake.set()
+                if stopping.is_set():
+                    return
+        except Exception:
+            stopping.wait(1.0)

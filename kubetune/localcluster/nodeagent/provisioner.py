@@ -15,14 +15,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kubetune.localcluster.kubeapi import ApiError, KubeAPI
+from kubetune.localcluster.kubeapi import ApiError, KubeAPI, wake_on_changes
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
 
 STORAGE_CLASS = "standard"
 PROVISIONER = "kubetune.dev/local-dir"
-_POLL_S = 0.5
+# Watches wake the loop on every change; this is only the safety net.
+_RESYNC_S = 10.0
 
 
 def storage_class() -> JSON:
@@ -72,7 +73,14 @@ class Provisioner:
         self.stopping = stopping
 
     def run(self) -> None:
-        while not self.stopping.wait(_POLL_S):
+        changed = threading.Event()
+        for path in ("/api/v1/persistentvolumeclaims", "/api/v1/persistentvolumes"):
+            threading.Thread(
+                target=wake_on_changes, args=(self.api, path, changed, self.stopping), daemon=True
+            ).start()
+        while not self.stopping.is_set():
+            changed.wait(_RESYNC_S)
+            changed.clear()
             try:
                 self.sync()
             except Exception as exc:

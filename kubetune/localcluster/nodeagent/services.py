@@ -21,11 +21,12 @@ import threading
 from typing import Any
 
 from kubetune.localcluster import network
-from kubetune.localcluster.kubeapi import KubeAPI
+from kubetune.localcluster.kubeapi import KubeAPI, wake_on_changes
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
-_POLL_S = 0.5
+# Watches wake the loop on every change; this is only the safety net.
+_RESYNC_S = 10.0
 _CONNECT_TIMEOUT_S = 5.0
 
 
@@ -139,7 +140,14 @@ class ServiceProxy:
         self.addresses: set[str] = set()
 
     def run(self) -> None:
-        while not self.stopping.wait(_POLL_S):
+        changed = threading.Event()
+        for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"):
+            threading.Thread(
+                target=wake_on_changes, args=(self.api, path, changed, self.stopping), daemon=True
+            ).start()
+        while not self.stopping.is_set():
+            changed.wait(_RESYNC_S)
+            changed.clear()
             try:
                 self.sync()
             except Exception as exc:
