@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from kubetune.localcluster import binaries, network, pki, procs
 from kubetune.localcluster.nodeagent.provisioner import storage_class
@@ -139,7 +139,6 @@ class Component:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # The parent-death signal makes a component die with its owner even on SIGKILL.
         prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-        log: IO[bytes]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 prefix + argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -470,9 +469,9 @@ class LocalCluster:
         # The agent needs time to SIGTERM its pods and wait their grace periods.
         component.stop(grace=40.0)
         if delete_node:
+            # Already gone is fine; urllib's HTTPError is an OSError.
             with contextlib.suppress(OSError):
-                request = urllib.request.Request(f"{self.server}/api/v1/nodes/{name}", method="DELETE")
-                urllib.request.urlopen(request, context=self._ssl_context(), timeout=10).close()
+                self.api_request("DELETE", f"/api/v1/nodes/{name}")
 
     def node_dir(self, name: str) -> Path:
         return self.state_dir / "nodes" / name
