@@ -110,15 +110,16 @@ def _up(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from kubetune.localcluster import procs
 
-    pid = _owner(args.name)
     state = _state_dir(args.name)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+    owner = procs.read_record(state / "owner")
+    if owner is not None and procs.alive(*owner):
+        os.kill(owner[0], signal.SIGTERM)
+        # The supervisor stops nodes, then the control plane, then removes the state.
         deadline = time.monotonic() + 90
-        while _owner(args.name) is not None and time.monotonic() < deadline:
+        while procs.alive(*owner) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _owner(args.name) is not None:
-            os.kill(pid, signal.SIGKILL)
+        if procs.alive(*owner):
+            os.kill(owner[0], signal.SIGKILL)
     if state.exists():
         procs.cleanup_state(state)
     (state.parent / f"{args.name}.supervisor.log").unlink(missing_ok=True)

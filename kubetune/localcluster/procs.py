@@ -87,7 +87,14 @@ def cleanup_state(state_dir: Path, *, remove: bool = True) -> None:
     if bridge.is_file():
         network.delete_link(bridge.read_text().strip())
     if remove:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        # Renamed first so the directory vanishes at once: nobody sees a half-deleted cluster
+        # (an owner record already gone while its logs are still being removed).
+        doomed = state_dir.with_name(f".{state_dir.name}.removing-{os.getpid()}")
+        try:
+            state_dir.rename(doomed)
+        except OSError:
+            doomed = state_dir
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def reap_stale(run_dir: Path) -> list[Path]:

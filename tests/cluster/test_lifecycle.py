@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from ipaddress import ip_network
+from urllib.parse import urlparse
 
 import pytest
 
@@ -56,8 +58,11 @@ def test_up_and_down_beside_the_session_cluster(cluster: ClusterHandle, cli_clus
     state = default_run_dir() / cli_cluster
     kubeconfig = state / "kubeconfig"
     assert f"export KUBECONFIG={kubeconfig}" in up.stdout
-    server = json.loads(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-    assert server.split(":")[1].split(".")[:2] != cluster.local.gateway.split(".")[:2]
+    server = urlparse(json.loads(kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+    assert server.hostname is not None
+    assert ip_network(f"{server.hostname}/16", strict=False) != ip_network(
+        f"{cluster.local.gateway}/16", strict=False
+    )
     nodes = subprocess.run(
         ["kubectl", "get", "nodes", "-o", "name"],
         env={**cluster.env(), "KUBECONFIG": str(kubeconfig)},

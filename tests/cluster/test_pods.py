@@ -275,8 +275,9 @@ def test_prestop_hook_runs_before_sigterm(cluster: ClusterHandle, namespace: str
     core.create_namespaced_pod(namespace, manifests.pod("hooked", container, volumes=volumes))
     wait_for(lambda: (tmp_path / "started").exists(), 30, description="the container to start")
     core.delete_namespaced_pod("hooked", namespace)
-    wait_for(lambda: (tmp_path / "term").exists(), 30, description="SIGTERM to arrive")
-    assert (tmp_path / "term").read_text() == "after preStop"
+    term = tmp_path / "term"
+    seen = wait_for(lambda: term.exists() and term.read_text(), 30, description="SIGTERM to arrive")
+    assert seen == "after preStop"
 
 
 def test_sidecar_runs_beside_a_job_and_is_stopped_after_it(cluster: ClusterHandle, namespace: str) -> None:
