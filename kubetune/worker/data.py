@@ -45,10 +45,14 @@ class Record:
 
 @dataclass(frozen=True)
 class Example:
-    """A tokenized record. ``labels`` holds ``IGNORE_INDEX`` where no loss is taken."""
+    """A tokenized record. ``labels`` holds ``IGNORE_INDEX`` where no loss is taken.
+
+    Packed blocks also carry ``position_ids`` that restart at 0 with every record they hold.
+    """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -325,22 +329,22 @@ def pack_examples(examples: Sequence[Example], block_length: int, seed: int, epo
     """Shuffle, concatenate and cut into blocks of exactly ``block_length`` tokens.
 
     The tail that does not fill a block is dropped (unless it is all there is), so every epoch has the
-    same number of blocks whatever the order.
+    same number of blocks whatever the order. Position ids restart with each record: given them and no
+    attention mask, transformers builds a block-diagonal causal mask, so records packed together do
+    not attend to each other.
     """
     order = list(range(len(examples)))
     random.Random(f"{seed}/{epoch}").shuffle(order)
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     for index in order:
         ids.extend(examples[index].input_ids)
         labels.extend(examples[index].labels)
+        positions.extend(range(len(examples[index])))
     count = max(1, len(ids) // block_length)
-    return [
-        Example(
-            ids[i * block_length : (i + 1) * block_length], labels[i * block_length : (i + 1) * block_length]
-        )
-        for i in range(count)
-    ]
+    blocks = [slice(i * block_length, (i + 1) * block_length) for i in range(count)]
+    return [Example(ids[b], labels[b], positions[b]) for b in blocks]
 
 
 def batch_indices(

@@ -190,6 +190,23 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None  # packed blocks: restart per record, no padding
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for the model's forward.
+
+        A packed batch passes position ids and *no* attention mask: that is how transformers recognises
+        packed records and masks attention between them.
+        """
+        if self.position_ids is not None:
+            # A cache object would make transformers skip the packed-sequence mask.
+            return {
+                "input_ids": self.input_ids,
+                "position_ids": self.position_ids,
+                "labels": self.labels,
+                "use_cache": False,
+            }
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 
     @property
     def real_tokens(self) -> int:
@@ -200,9 +217,22 @@ class Batch:
         return int((self.labels[:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def collate(examples: Sequence[data.Example], pad_id: int, device: torch.device) -> Batch:
-    """Right-pad to the longest example of the batch."""
+def collate(
+    examples: Sequence[data.Example], pad_id: int, device: torch.device, *, packed_attention: bool = True
+) -> Batch:
+    """Right-pad to the longest example of the batch (packed blocks are all the same length).
+
+    With ``packed_attention`` and position ids on every example, the batch carries them so that records
+    packed into one block do not attend to each other.
+    """
     width = max(len(e) for e in examples)
+    if packed_attention and all(e.position_ids is not None and len(e) == width for e in examples):
+        return Batch(
+            torch.tensor([e.input_ids for e in examples], device=device),
+            torch.ones((len(examples), width), dtype=torch.long, device=device),
+            torch.tensor([e.labels for e in examples], device=device),
+            torch.tensor([e.position_ids for e in examples], device=device),
+        )
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), data.IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -657,7 +687,10 @@ def _train(
     eval_loss: float | None = carried.get("eval_loss_before")
     loop_started = time.monotonic()
     for step in range(start_step, total_steps):
-        micro_batches = [collate(examples, pad_id, dist.device) for examples in feeder.window(step)]
+        micro_batches = [
+            collate(examples, pad_id, dist.device, packed_attention=method.packed_attention)
+            for examples in feeder.window(step)
+        ]
         window_labels = sum(b.label_tokens for b in micro_batches) or 1
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
@@ -666,9 +699,7 @@ def _train(
                 sync = ddp_model.no_sync()  # gradients are all-reduced once per optimizer step
             with sync:
                 with autocast(dist.device, precision):
-                    output = ddp_model(
-                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-                    )
+                    output = ddp_model(**batch.model_inputs())
                     # Weighted so the step's gradient is the mean over all its label tokens.
                     loss = output.loss * (batch.label_tokens / window_labels)
                 if not torch.isfinite(loss):

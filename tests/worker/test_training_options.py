@@ -2,7 +2,8 @@
 
 Aspects:
 - packing: every micro-batch is full blocks of max_seq_length real tokens (no padding), with gradient
-  accumulation, and the model still learns;
+  accumulation, and the model still learns; records packed into one block do not attend to each other
+  (each record's logits equal those it gets alone);
 - gradient checkpointing trains for full, lora and qlora (prefix opts out);
 - bf16 autocast on CPU trains;
 - qlora trains on a model whose layer widths are not multiples of 32 (bitsandbytes' CPU repacking);
@@ -50,6 +51,31 @@ def test_packing_feeds_full_blocks(tmp_path: Path, tiny_model: Path, task_files:
     metrics = manifest["metrics"]
     assert metrics["train_tokens"] == steps * batch * accumulation * length
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+def test_packed_records_do_not_attend_to_each_other(tiny_model: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.worker import data
+    from kubetune.worker.engine import collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    records = [data.Example([2, 30, 31, 32, 33, 3], [0] * 6), data.Example([2, 40, 41, 3], [0] * 4)]
+    [block] = data.pack_examples(records, 10, seed=0, epoch=0)
+    batch = collate([block], 0, torch.device("cpu"))
+    assert batch.position_ids is not None
+    starts = [i for i, p in enumerate(block.position_ids or []) if p == 0]
+    assert len(starts) == 2
+    with torch.no_grad():
+        # As in training (the engine turns caches off): a cache would hide the packing from the mask.
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+        one_mask = model(input_ids=batch.input_ids).logits[0]
+        second = starts[1]
+        alone = model(input_ids=torch.tensor([block.input_ids[second:]])).logits[0]
+    assert torch.allclose(packed[second:], alone, atol=1e-5)
+    # Without the position ids the block is one causal sequence and the second record sees the first.
+    assert not torch.allclose(one_mask[second:], alone, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

@@ -42,7 +42,9 @@ class TrainingMethod:
     ``build`` wraps or modifies the loaded base model in place and returns the model to train, with
     exactly the trainable parameters the method defines. ``save`` writes the artifact files (no
     tokenizer, no manifest) into a directory. ``load_kwargs`` adds ``from_pretrained`` arguments (e.g. a
-    quantization config). ``gradient_checkpointing`` is False for methods it breaks.
+    quantization config). ``gradient_checkpointing`` is False for methods it breaks;
+    ``packed_attention`` is False for methods whose forward drops ``position_ids`` (packed records then
+    share one causal mask).
     """
 
     name: str
@@ -51,6 +53,7 @@ class TrainingMethod:
     save: Callable[[Any, Path], None]
     load_kwargs: Callable[[MethodSpec, BuildContext], dict[str, Any]] = field(default=_no_load_kwargs)
     gradient_checkpointing: bool = True
+    packed_attention: bool = True
 
 
 _REGISTRY: dict[str, TrainingMethod] = {}
