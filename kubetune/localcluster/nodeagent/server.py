@@ -89,9 +89,9 @@ class LogServer:
         files = log_files(self.pods_dir, namespace, pod, container)
         index = 1 if query.get("previous") == "true" else 0
         if len(files) <= index:
-            self._reply(
-                request, 404, f"no {'previous ' if index else ''}log for {pod}/{container}\n".encode()
-            )
+            # kubelet's answer, which kubectl shows as is.
+            what = "previous terminated container" if index else "container"
+            self._reply(request, 400, f'{what} "{container}" in pod "{pod}" not found\n'.encode())
             return
         path = files[index]
         tail = int(query["tailLines"]) if "tailLines" in query else None
