@@ -48,7 +48,8 @@ def _keep_cpu_weights_unpacked(model: Any) -> None:
 
     On CPUs with AVX512-BF16, a ``Linear4bit`` called in eval mode without gradients (our evaluations)
     repacks its weight in place into a layout that needs ``out_features`` divisible by 32 (it asserts
-    otherwise: 688-wide MLPs fail) and that then differs from what training and the state dict expect.
+    otherwise: 688-wide MLPs fail). Worse, later training steps then run the repacked layer through an
+    inference kernel with no backward, so the gradient through the frozen base is silently dropped.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
