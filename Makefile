@@ -13,10 +13,11 @@ PYTEST_ARGS ?=
 
 -include hack/*.mk
 
-.PHONY: help venv lint crds test clean
+.PHONY: help venv lint crds test demo clean
 
 help:
 	@echo "make test   - set up everything from a fresh clone and run lint + the test suite"
+	@echo "make demo   - train then serve on the embedded local cluster (DEMO_ARGS=--keep keeps it)"
 	@echo "make crds   - regenerate crds/ from the API models"
 	@echo "make lint   - ruff + mypy"
 
@@ -33,6 +34,10 @@ crds: venv
 
 test: venv lint $(TEST_PREREQS)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+DEMO_ARGS ?=
+demo: venv cluster-build
+	$(PY) hack/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -15,11 +15,18 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help). Kept as strings so listing the commands imports nothing.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "operator": ("kubetune.operator.main", "run the kopf operator (FineTuneJob today)"),
+    "operator": (
+        "kubetune.operator.main",
+        "run the operator (FineTuneJob and AdapterDeployment controllers)",
+    ),
     "crds": ("kubetune.api.crdgen", "write the CustomResourceDefinitions generated from the API models"),
     "validate": (
         "kubetune.api.validate",
-        "check FineTuneJob/AdapterDeployment manifests offline (for GitOps CI)",
+        "check kubetune manifests offline, as admission would (for GitOps)",
+    ),
+    "cluster": (
+        "kubetune.localcluster.cli",
+        "start/stop the embedded local Kubernetes cluster (tests, demo)",
     ),
     "train": ("kubetune.worker.train_cli", "run a TrainingPlan (the worker pod's entry point)"),
     "serve": ("kubetune.worker.serve_cli", "serve a base model and adapters over an OpenAI-compatible API"),

@@ -1,7 +1,9 @@
-"""The kopf handlers: thin triggers for :func:`kubetune.operator.reconcile.reconcile`.
+"""The kopf handlers: thin triggers for the level-based reconcile passes.
 
-Every trigger (the FineTuneJob itself, its Job, its pods, and a periodic timer for live progress)
-runs the same level-based pass, so a missed event is repaired by the next one.
+Every trigger of a FineTuneJob (the object, its Job, its pods, a periodic timer for live progress)
+runs :func:`kubetune.operator.reconcile.reconcile`; every trigger of an AdapterDeployment (the object,
+its pods, a timer) runs :func:`kubetune.operator.serving_reconcile.reconcile_adapterdeployment`. A
+missed event is repaired by the next pass.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import kopf
 from kubetune.api import v1alpha1
 from kubetune.operator.builders import LABEL_FINETUNEJOB
 from kubetune.operator.reconcile import PLURAL, OperatorConfig, reconcile
+from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
+from kubetune.operator.serving_reconcile import reconcile_adapterdeployment
 
 FTJ = (v1alpha1.GROUP, v1alpha1.VERSION, PLURAL)
+ADEP = (v1alpha1.GROUP, v1alpha1.VERSION, "adapterdeployments")
 #: Seconds between periodic passes of each FineTuneJob (live progress is polled on these).
 RESYNC_SECONDS = 5.0
 
@@ -81,3 +86,28 @@ def child_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: s
     if not type:  # the initial listing: the FineTuneJob's own resume handler covers it
         return
     _reconcile(memo, namespace, labels[LABEL_FINETUNEJOB])
+
+
+def _reconcile_serving(memo: Any, namespace: str | None, name: str) -> None:
+    assert namespace is not None, "AdapterDeployments are namespaced"
+    reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
+
+
+@kopf.on.resume(*ADEP)
+@kopf.on.create(*ADEP)
+@kopf.on.update(*ADEP)
+def adapterdeployment_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+    _reconcile_serving(memo, namespace, name)
+
+
+@kopf.timer(*ADEP, interval=RESYNC_SECONDS, sharp=False)
+def adapterdeployment_resync(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+    # Also how adapters of FineTuneJobs that finish later, and new replicas, get loaded.
+    _reconcile_serving(memo, namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT})
+def serving_pod_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
+    if not type:
+        return
+    _reconcile_serving(memo, namespace, labels[LABEL_ADAPTERDEPLOYMENT])

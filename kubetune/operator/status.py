@@ -8,6 +8,7 @@ from them for ``kubectl get``. A condition keeps its ``lastTransitionTime`` whil
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -197,6 +198,27 @@ def _progress_status(progress: ProgressReport) -> dict[str, Any]:
     return out
 
 
+def _result_status(summary: dict[str, Any]) -> dict[str, Any]:
+    """The worker's summary, reduced to what the status schema allows: whatever a worker writes, a
+    status patch must not be rejected (the schema types metrics as numbers)."""
+    result: dict[str, Any] = {}
+    for key in ("uri", "sha256", "format"):
+        if isinstance(summary.get(key), str):
+            result[key] = summary[key]
+    if result.get("format") not in (None, "peft", "bottleneck", "full"):
+        del result["format"]
+    if isinstance(summary.get("sizeBytes"), int) and summary["sizeBytes"] >= 0:
+        result["sizeBytes"] = summary["sizeBytes"]
+    metrics = summary.get("metrics")
+    if isinstance(metrics, dict):
+        result["metrics"] = {
+            str(k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+    return result
+
+
 def desired_status(
     generation: int | None, suspended: bool, seen: Observed, previous: dict[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
@@ -223,9 +245,7 @@ def desired_status(
         status["progress"] = previous["progress"]  # the last report outlives the worker
     summary = result_of(seen.pods) if status["phase"] == "Succeeded" else None
     if summary is not None:
-        status["result"] = {
-            key: summary[key] for key in ("uri", "sha256", "sizeBytes", "format", "metrics") if key in summary
-        }
+        status["result"] = _result_status(summary)
         final = summary.get("progress")
         if isinstance(final, dict) and "step" in final:
             status["progress"] = {**status.get("progress", {}), **final}

@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (non-streaming),
 ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (the vLLM/AIBrix hot-swap contract; any
-kubetune artifact format loads through them, not only LoRA), ``GET /v1/adapters``, ``GET /health``
+kubetune artifact format loads through them, not only LoRA; ``lora_path`` may be a URI),
+``PUT /v1/routes`` (replace the weighted aliases), ``GET /v1/adapters``, ``GET /health``
 (readiness: the base is loaded) and ``GET /metrics`` (Prometheus). Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -59,6 +60,20 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     lora_name: str
+
+
+class RouteBackendBody(BaseModel):
+    adapter: str
+    weight: int = Field(ge=1)
+
+
+class RouteBody(BaseModel):
+    name: str
+    backends: list[RouteBackendBody] = Field(min_length=1)
+
+
+class RoutesRequest(BaseModel):
+    routes: list[RouteBody]
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -195,5 +210,10 @@ def create_app(server: ModelServer) -> FastAPI:
     def unload_adapter(request: UnloadAdapterRequest) -> dict[str, Any]:
         server.unload_adapter(request.lora_name)
         return {"name": request.lora_name, "state": "Unloaded"}
+
+    @app.put("/v1/routes")
+    def put_routes(request: RoutesRequest) -> dict[str, Any]:
+        server.replace_routes({r.name: [(b.adapter, b.weight) for b in r.backends] for r in request.routes})
+        return describe(server)
 
     return app

@@ -10,7 +10,11 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base model directory (a Hugging Face save)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="base model directory (a Hugging Face save)")
+    source.add_argument(
+        "--plan", help="ServingPlan JSON (what an AdapterDeployment's pods get): base, adapters and routes"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
@@ -43,13 +47,34 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    server = ModelServer(args.model, device=device)
+    adapters = [tuple(item.partition("=")[::2]) for item in args.adapter]
+    routes = [parse_route(item) for item in args.route]
+    if args.plan:
+        from pathlib import Path
+
+        from kubetune.worker.serving import resolve_uri
+        from kubetune.worker.serving_plan import ServingPlan
+
+        plan = ServingPlan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
+        base = resolve_uri(
+            plan.model_uri,
+            pvc_mount_root=plan.pvc_mount_root,
+            cache_dir=plan.cache_dir,
+            revision=plan.model_revision,
+        )
+        server = ModelServer(
+            base, device=device, pvc_mount_root=plan.pvc_mount_root, cache_dir=plan.cache_dir
+        )
+        server.base_name = plan.served_model_name
+        adapters += [(a.name, a.uri) for a in plan.adapters]
+        routes += [(r.name, [(b.adapter, b.weight) for b in r.backends]) for r in plan.routes]
+    else:
+        server = ModelServer(args.model, device=device)
     if args.served_model_name:
         server.base_name = args.served_model_name
-    for item in args.adapter:
-        name, _, directory = item.partition("=")
-        server.load_adapter(name, directory)
-    for item in args.route:
-        server.set_route(*parse_route(item))
+    for name, source in adapters:
+        server.load_adapter(name, source)
+    for name, backends in routes:
+        server.set_route(name, backends)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0

@@ -68,6 +68,49 @@ def _config_sha256(model_dir: Path) -> str | None:
     return config_sha256(model_dir)
 
 
+def resolve_uri(
+    uri: str,
+    *,
+    pvc_mount_root: str = "/mnt/pvc",
+    cache_dir: str = "/tmp/kubetune-cache",
+    revision: str | None = None,
+) -> Path:
+    """A local directory for a model or artifact URI (file://, pvc://, bare path, hf:// or s3://)."""
+    from kubetune.worker.errors import KubetuneError
+    from kubetune.worker.plan import StorageSpec
+    from kubetune.worker.sources import local_path, split_uri
+
+    try:
+        path = local_path(uri, StorageSpec(pvc_mount_root=pvc_mount_root, cache_dir=cache_dir))
+        if path is not None:
+            return path
+        scheme, rest = split_uri(uri)
+    except KubetuneError as exc:
+        raise AdapterInvalid(str(exc)) from exc
+    target = Path(cache_dir) / "artifacts" / scheme / rest / (revision or "default")
+    try:
+        if scheme == "hf":
+            import os
+
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(
+                repo_id=rest,
+                revision=revision,
+                token=os.environ.get("HF_TOKEN") or None,
+                local_dir=target,
+                # safetensors only: pickled weights can run code when loaded.
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        else:
+            import fsspec
+
+            fsspec.filesystem(scheme).get(uri.rstrip("/") + "/", str(target) + "/", recursive=True)
+    except Exception as exc:
+        raise AdapterInvalid(f"{uri}: download failed: {type(exc).__name__}: {exc}") from exc
+    return target
+
+
 def _manifest_sha256(directory: Path) -> str:
     return hashlib.sha256((directory / "kubetune.json").read_bytes()).hexdigest()
 
@@ -75,7 +118,15 @@ def _manifest_sha256(directory: Path) -> str:
 class ModelServer:
     """A base model plus hot-swappable adapters. Thread-safe; generation is serialised."""
 
-    def __init__(self, base_path: str | Path, *, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(
+        self,
+        base_path: str | Path,
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        pvc_mount_root: str = "/mnt/pvc",
+        cache_dir: str = "/tmp/kubetune-cache",
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,6 +144,7 @@ class ModelServer:
         self.routes: dict[str, Route] = {}
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
+        self._pvc_mount_root, self._cache_dir = pvc_mount_root, cache_dir
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -118,13 +170,18 @@ class ModelServer:
             )
         return manifest
 
-    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
-        """Load (or replace) adapter ``name`` from an artifact directory, while serving."""
+    def load_adapter(self, name: str, source: str | Path) -> LoadedAdapter:
+        """Load (or replace) adapter ``name`` from an artifact directory or URI, while serving."""
         from kubetune.worker.artifact import load_trained_model
 
         if name == self.base_name or name in self.routes:
             raise ServingError(f"adapter name {name!r} is already the base model or a route")
-        directory = Path(path)
+        source = str(source)
+        directory = (
+            resolve_uri(source, pvc_mount_root=self._pvc_mount_root, cache_dir=self._cache_dir)
+            if "://" in source
+            else Path(source)
+        )
         manifest = self._verify(name, directory)
         is_lora = manifest["format"] == "peft" and manifest["method"] in ("lora", "qlora")
         with self._lock:
@@ -144,7 +201,7 @@ class ModelServer:
                 instance = load_trained_model(directory, self.base_path).to(self.device).eval()
             loaded = LoadedAdapter(
                 name=name,
-                source=str(directory),
+                source=source,
                 sha256=_manifest_sha256(directory),
                 method=manifest["method"],
                 format=manifest["format"],
@@ -172,6 +229,17 @@ class ModelServer:
         if not backends or any(weight <= 0 for _, weight in backends):
             raise ServingError(f"route {name}: backends need positive weights")
         self.routes[name] = Route(name, tuple(backends))
+
+    def replace_routes(self, routes: dict[str, list[tuple[str, int]]]) -> None:
+        """Swap the whole route table at once (what the operator sends on every change)."""
+        with self._lock:
+            previous, self.routes = self.routes, {}
+            try:
+                for name, backends in routes.items():
+                    self.set_route(name, backends)
+            except ServingError:
+                self.routes = previous
+                raise
 
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters, *self.routes]

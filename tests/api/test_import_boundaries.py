@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "kubetune"
-WORKER_CONTRACT = ("kubetune.worker.plan", "kubetune.worker.errors")
+WORKER_CONTRACT = ("kubetune.worker.plan", "kubetune.worker.errors", "kubetune.worker.serving_plan")
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
 
 
@@ -27,7 +27,7 @@ def _modules(subpackage: str) -> list[str]:
 
 def test_torch_free_modules_import_without_torch() -> None:
     modules = ["kubetune", "kubetune.cli", *_modules("api"), *_modules("operator")]
-    modules += [*WORKER_CONTRACT, "kubetune.worker.train_cli"]
+    modules += [*WORKER_CONTRACT, "kubetune.worker.train_cli", "kubetune.worker.serve_cli"]
     # A meta path finder that refuses the heavy packages, as if they were not installed.
     script = f"""
 import sys

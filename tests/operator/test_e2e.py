@@ -1,9 +1,11 @@
 """The operator end to end on a real cluster: real Jobs, pods, RBAC and Helm.
 
 Aspects:
-- the Helm chart installs the operator as a Deployment under its least-privilege ServiceAccount; a
-  LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim then trains, publishes its
-  artifact on the claim and reports Succeeded with conditions, job name and result;
+- the whole loop under the Helm-installed operator (a Deployment with its least-privilege
+  ServiceAccount): a LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim trains,
+  publishes its artifact on the claim and reports Succeeded; an AdapterDeployment then serves it
+  over the OpenAI API, hot-swaps a second adapter in and out without restarting the pod, and scales
+  through the scale subresource with every replica loading the adapters;
 - (with `kubetune operator` as a local process) a bad dataset fails the FineTuneJob with the
   worker's reason and message, without retries;
 - a suspended FineTuneJob creates a suspended Job and runs nothing;
@@ -12,6 +14,7 @@ Aspects:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import subprocess
@@ -175,13 +178,140 @@ def test_helm_installed_operator_trains_and_publishes(
     assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
     assert all(c["observedGeneration"] == done["metadata"]["generation"] for c in status["conditions"])
     assert status["jobName"] == "tiny-lora-train"
-    manifest = json.loads((claim_dir / "out" / "tiny-lora" / "kubetune.json").read_text())
-    assert manifest["method"] == "lora"
-    if "result" in status:
-        assert status["result"]["uri"] == "pvc://data/out/tiny-lora"
+    manifest_file = claim_dir / "out" / "tiny-lora" / "kubetune.json"
+    assert json.loads(manifest_file.read_text())["method"] == "lora"
+    result = status["result"]
+    assert result["uri"] == "pvc://data/out/tiny-lora" and result["format"] == "peft"
+    assert result["sha256"] == hashlib.sha256(manifest_file.read_bytes()).hexdigest()
+    assert result["metrics"]["artifact_size_bytes"] > 0 and result["metrics"]["eval_loss"] > 0
+    _serve_and_swap(cluster, namespace)
+
     # Least privilege held: nothing the operator tried was forbidden.
     log = cluster.read_log(namespace, pod.metadata.name)  # type: ignore[union-attr]
     assert "Forbidden" not in log and "Traceback" not in log, log[-4000:]
+
+
+def _adep(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    result: dict[str, Any] = client.CustomObjectsApi(cluster.api_client()).get_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", name
+    )
+    return result
+
+
+def _serving_pods(cluster: ClusterHandle, namespace: str) -> list[Any]:
+    from kubernetes import client
+
+    pods = client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
+        namespace, label_selector="kubetune.dev/adapterdeployment=support"
+    )
+    return [p for p in pods.items if not p.metadata.deletion_timestamp]
+
+
+def _ready(cluster: ClusterHandle, namespace: str, replicas: int, adapters: str) -> dict[str, Any] | None:
+    status = _adep(cluster, namespace, "support").get("status") or {}
+    ok = status.get("phase") == "Ready" and status.get("readyReplicas") == replicas
+    return status if ok and status.get("adaptersReady") == adapters else None
+
+
+def _serve_and_swap(cluster: ClusterHandle, namespace: str) -> None:
+    import httpx
+    from kubernetes import client
+
+    objects = client.CustomObjectsApi(cluster.api_client())
+    body = {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "support"},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "adapters": [{"name": "support-v1", "fineTuneJob": "tiny-lora"}],
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    objects.create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", body
+    )
+    status = wait_for(
+        lambda: _ready(cluster, namespace, 1, "1/1"),
+        240,
+        interval=1,
+        description=lambda: (
+            f"support Ready; status: {json.dumps(_adep(cluster, namespace, 'support').get('status'))}"
+        ),
+    )
+    assert status["adapters"][0]["source"] == "pvc://data/out/tiny-lora"
+    assert status["conditions"][0]["type"] == "Ready" and status["conditions"][0]["status"] == "True"
+    assert status["endpoint"] == f"http://support.{namespace}.svc:8000/v1"
+    (pod,) = _serving_pods(cluster, namespace)
+    url = f"http://{pod.status.pod_ip}:8000"
+    answer = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "support-v1", "prompt": "encode : c a t", "max_tokens": 4},
+        timeout=60,
+    )
+    assert answer.status_code == 200 and answer.headers["x-kubetune-adapter"] == "support-v1", answer.text
+
+    # Hot swap: a second adapter (and a route over both) arrives in the running pod, no restart.
+    objects.patch_namespaced_custom_object(
+        v1alpha1.GROUP,
+        v1alpha1.VERSION,
+        namespace,
+        "adapterdeployments",
+        "support",
+        {
+            "spec": {
+                "adapters": [
+                    {"name": "support-v1", "fineTuneJob": "tiny-lora"},
+                    {"name": "support-v2", "uri": "pvc://data/out/tiny-lora"},
+                ],
+                "routes": [
+                    {
+                        "name": "support",
+                        "backends": [
+                            {"adapter": "support-v1", "weight": 9},
+                            {"adapter": "support-v2", "weight": 1},
+                        ],
+                    }
+                ],
+            }
+        },
+    )
+    wait_for(lambda: _ready(cluster, namespace, 1, "2/2"), 120, interval=1, description="support-v2 loaded")
+    models = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+    # The base is named after its path; the route "support" is an alias over both adapters.
+    assert models == ["model", "support-v1", "support-v2", "support"]
+    (same,) = _serving_pods(cluster, namespace)
+    assert same.metadata.uid == pod.metadata.uid
+    assert same.status.container_statuses[0].restart_count == 0
+
+    # Scale through the scale subresource: the new replica serves both adapters too.
+    objects.patch_namespaced_custom_object_scale(
+        v1alpha1.GROUP,
+        v1alpha1.VERSION,
+        namespace,
+        "adapterdeployments",
+        "support",
+        {"spec": {"replicas": 2}},
+    )
+    status = wait_for(
+        lambda: _ready(cluster, namespace, 2, "2/2"),
+        240,
+        interval=1,
+        description=lambda: (
+            "2 replicas; status: "
+            + json.dumps(_adep(cluster, namespace, "support").get("status"))
+            + "; pods: "
+            + json.dumps(
+                [
+                    (p.metadata.name, p.status.phase, p.status.pod_ip)
+                    for p in _serving_pods(cluster, namespace)
+                ]
+            )
+        ),
+    )
+    assert all(a["loadedReplicas"] == 2 for a in status["adapters"])
 
 
 def test_bad_dataset_fails_with_the_workers_reason(

@@ -126,3 +126,15 @@ def test_progress_and_result() -> None:
     )
     assert done["result"] == summary
     assert done["progress"]["summary"] == "120/1000 (12%)"  # the last report outlives the worker
+
+    # Whatever the worker writes, status only gets what its schema allows.
+    noisy = {
+        **summary,
+        "format": "weird",
+        "sizeBytes": "12",
+        "metrics": {"loss": 1, "precision": "fp32", "nan": float("nan"), "ok": True},
+    }
+    cleaned = _status(Observed(job=_job("Complete"), pods=[_pod("Succeeded", 0, json.dumps(noisy))]))[
+        "result"
+    ]
+    assert cleaned == {"uri": summary["uri"], "sha256": summary["sha256"], "metrics": {"loss": 1.0}}
