@@ -154,17 +154,19 @@ def run_demo(handle: ClusterHandle, steps: int) -> None:
     print(handle.kubectl("get", "ftj,adep", "-n", NAMESPACE).stdout)
     (pod,) = core.list_namespaced_pod(NAMESPACE, label_selector="kubetune.dev/adapterdeployment=cipher").items
     url = f"http://{pod.status.pod_ip}:8000/v1"  # type: ignore[union-attr]
-    print(f"models: {[m['id'] for m in httpx.get(f'{url}/models').json()['data']]}")
-    for model in ("cipher", "cipher-v1"):
+    models = [m["id"] for m in httpx.get(f"{url}/models").json()["data"]]
+    print(f"models: {models}  (the first is the base model)")
+    for model in models:
         body = {"model": model, "prompt": QUESTION, "max_tokens": 6, "temperature": 0}
-        answer = httpx.post(f"{url}/completions", json=body, timeout=120).json()
-        print(f"  {model:10} {QUESTION!r} -> {answer['choices'][0]['text']!r}")
+        response = httpx.post(f"{url}/completions", json=body, timeout=120)
+        response.raise_for_status()
+        print(f"  {model:10} {QUESTION!r} -> {response.json()['choices'][0]['text']!r}")
     print("  (the cipher shifts each letter by one: the answer is 'i f m m p')")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     parser.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = parser.parse_args()
 

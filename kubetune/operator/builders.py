@@ -13,7 +13,7 @@ from typing import Any
 from kubetune.api.v1alpha1 import API_VERSION, FineTuneJob
 from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
 from kubetune.worker import plan as wp
-from kubetune.worker.errors import ERROR_TYPES
+from kubetune.worker.errors import ERROR_TYPES, Preempted
 
 LABEL_FINETUNEJOB = "kubetune.dev/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -23,7 +23,7 @@ PLAN_KEY = "plan.json"
 CONTAINER = "worker"
 #: The worker turns SIGTERM into a checkpoint and exits with this code: a retry resumes, so it must
 #: not count against backoffLimit.
-PREEMPTED_EXIT_CODE = 143
+PREEMPTED_EXIT_CODE = Preempted.exit_code
 #: Non-root identity of worker pods (the image's user); fsGroup makes mounted claims writable.
 WORKER_UID = 1000
 
