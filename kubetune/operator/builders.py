@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, FineTuneJob
+from kubetune.api.v1alpha1 import API_VERSION, FineTuneJob, PodTemplateOverrides
 from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
 from kubetune.worker import plan as wp
 from kubetune.worker.errors import ERROR_TYPES, Preempted
@@ -34,6 +34,42 @@ class WorkerSettings:
 
     image: str = "ghcr.io/kubetune/kubetune:0.1.0"
     image_pull_policy: str = "IfNotPresent"
+
+
+def pod_spec_with(
+    containers: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    overrides: PodTemplateOverrides | None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A pod spec for kubetune's pods: non-root, seccomp, no service links, plus the user's
+    scheduling overrides (node selector, tolerations, affinity, priority, service account, pull
+    secrets)."""
+    spec: dict[str, Any] = {
+        **fields,
+        "containers": containers,
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "enableServiceLinks": False,
+    }
+    if overrides:
+        for key, value in (
+            ("nodeSelector", overrides.node_selector),
+            ("tolerations", overrides.tolerations),
+            ("affinity", overrides.affinity),
+            ("priorityClassName", overrides.priority_class_name),
+            ("serviceAccountName", overrides.service_account_name),
+            ("imagePullSecrets", overrides.image_pull_secrets),
+        ):
+            if value:
+                spec[key] = value
+    return spec
 
 
 def plan_configmap_name(job: FineTuneJob) -> str:
@@ -152,31 +188,13 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
     if env_from:
         container["envFrom"] = env_from
 
-    pod_spec: dict[str, Any] = {
+    pod_spec = pod_spec_with(
+        [container],
+        volumes,
+        overrides,
         # Never, so that every retry is a new pod and the Job's podFailurePolicy can judge exit codes.
-        "restartPolicy": "Never",
-        "containers": [container],
-        "volumes": volumes,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "enableServiceLinks": False,
-    }
-    if overrides:
-        for key, value in (
-            ("nodeSelector", overrides.node_selector),
-            ("tolerations", overrides.tolerations),
-            ("affinity", overrides.affinity),
-            ("priorityClassName", overrides.priority_class_name),
-            ("serviceAccountName", overrides.service_account_name),
-            ("imagePullSecrets", overrides.image_pull_secrets),
-        ):
-            if value:
-                pod_spec[key] = value
+        restartPolicy="Never",
+    )
 
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,

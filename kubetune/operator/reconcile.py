@@ -72,6 +72,21 @@ def _create_if_absent(create: Any, body: dict[str, Any]) -> None:
             raise
 
 
+def get_custom_object(custom: Any, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A kubetune object as a dict, or None when it does not exist (any more)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        obj: dict[str, Any] = custom.get_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, plural, name
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return obj
+
+
 def plan_problem(job: FineTuneJob) -> str | None:
     """Why this operator cannot run the job, or None."""
     if job.spec.resources.nodes > 1:
@@ -89,15 +104,8 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
     core = client.CoreV1Api(api_client)
 
     with _serialised(namespace, name):
-        try:
-            obj: dict[str, Any] = custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                v1alpha1.GROUP, v1alpha1.VERSION, namespace, PLURAL, name
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        if obj["metadata"].get("deletionTimestamp"):
+        obj = get_custom_object(custom, PLURAL, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None  # owner references garbage-collect the children
 
         job: FineTuneJob | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune.api.v1alpha1 import API_VERSION, AdapterDeployment
-from kubetune.operator.builders import LABEL_COMPONENT, LABEL_MANAGED_BY, WORKER_UID, WorkerSettings
+from kubetune.operator.builders import LABEL_COMPONENT, LABEL_MANAGED_BY, WorkerSettings, pod_spec_with
 from kubetune.operator.render import PVC_MOUNT_ROOT
 from kubetune.worker.serving_plan import AdapterEntry, RouteBackend, RouteEntry, ServingPlan
 
@@ -213,29 +213,7 @@ def deployment(
     annotations = dict(overrides.annotations) if overrides and overrides.annotations else {}
     if spec.update_strategy == "Rolling":
         annotations[ANNOTATION_PLAN_HASH] = plan_sha256(plan)
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "enableServiceLinks": False,
-    }
-    if overrides:
-        for key, value in (
-            ("nodeSelector", overrides.node_selector),
-            ("tolerations", overrides.tolerations),
-            ("affinity", overrides.affinity),
-            ("priorityClassName", overrides.priority_class_name),
-            ("serviceAccountName", overrides.service_account_name),
-            ("imagePullSecrets", overrides.image_pull_secrets),
-        ):
-            if value:
-                pod_spec[key] = value
+    pod_spec = pod_spec_with([container], volumes, overrides)
     labels = {**(overrides.labels if overrides and overrides.labels else {}), **selector_labels(adep)}
     return {
         "apiVersion": "apps/v1",

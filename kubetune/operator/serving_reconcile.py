@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from kubetune.api import v1alpha1
 from kubetune.api.v1alpha1 import AdapterDeployment
 from kubetune.operator import serving
-from kubetune.operator.reconcile import OperatorConfig, _serialised
+from kubetune.operator.reconcile import OperatorConfig, _serialised, get_custom_object
 from kubetune.operator.status import merge_conditions
 
 logger = logging.getLogger("kubetune.operator.serving")
@@ -96,15 +96,8 @@ def reconcile_adapterdeployment(
     core = client.CoreV1Api(api_client)
 
     with _serialised(namespace, f"adep/{name}"):
-        try:
-            obj: dict[str, Any] = custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                v1alpha1.GROUP, v1alpha1.VERSION, namespace, PLURAL, name
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        if obj["metadata"].get("deletionTimestamp"):
+        obj = get_custom_object(custom, PLURAL, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None
         try:
             adep = AdapterDeployment.model_validate(obj)
@@ -136,13 +129,9 @@ def reconcile_adapterdeployment(
         jobs: dict[str, dict[str, Any]] = {}
         for adapter in adep.spec.adapters:
             if adapter.fine_tune_job and adapter.fine_tune_job not in jobs:
-                try:
-                    jobs[adapter.fine_tune_job] = custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", adapter.fine_tune_job
-                    )
-                except ApiException as error:
-                    if error.status != 404:
-                        raise
+                job = get_custom_object(custom, "finetunejobs", namespace, adapter.fine_tune_job)
+                if job is not None:
+                    jobs[adapter.fine_tune_job] = job
         resolved = serving.resolve_adapters(adep, jobs)
         plan = serving.serving_plan(adep, resolved)
         job_claims = sorted(

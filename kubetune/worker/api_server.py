@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 
 from kubetune.worker.serving import ModelServer, ServingError, describe
+from kubetune.worker.serving_plan import RouteEntry
 
 
 class _Request(BaseModel):
@@ -62,18 +63,8 @@ class UnloadAdapterRequest(BaseModel):
     lora_name: str
 
 
-class RouteBackendBody(BaseModel):
-    adapter: str
-    weight: int = Field(ge=1)
-
-
-class RouteBody(BaseModel):
-    name: str
-    backends: list[RouteBackendBody] = Field(min_length=1)
-
-
 class RoutesRequest(BaseModel):
-    routes: list[RouteBody]
+    routes: list[RouteEntry]
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
