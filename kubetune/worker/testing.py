@@ -44,7 +44,9 @@ def build_tokenizer() -> Any:
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(SPECIAL + LETTERS + DIGITS + WORDS)}
+    # dict.fromkeys drops repeats ("a" is a letter and a word) so the ids stay contiguous: a gap
+    # would give the last token an id equal to the vocabulary size.
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(SPECIAL + LETTERS + DIGITS + WORDS))}
     backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens(SPECIAL)
