@@ -198,6 +198,21 @@ def _progress_status(progress: ProgressReport) -> dict[str, Any]:
     return out
 
 
+def _final_progress(last: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """The last live report completed with the worker's final numbers (numbers only: the schema has
+    no nulls), and a summary that says where the run ended."""
+    progress = dict(last)
+    for key in ("step", "totalSteps", "epoch", "loss", "evalLoss"):
+        value = final.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            progress[key] = int(value) if key in ("step", "totalSteps") else round(float(value), 6)
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if step is not None and total:
+        progress["summary"] = f"{step}/{total} ({int(100 * step / total)}%)"
+        progress["etaSeconds"] = 0
+    return progress
+
+
 def _result_status(summary: dict[str, Any]) -> dict[str, Any]:
     """The worker's summary, reduced to what the status schema allows: whatever a worker writes, a
     status patch must not be rejected (the schema types metrics as numbers)."""
@@ -247,8 +262,8 @@ def desired_status(
     if summary is not None:
         status["result"] = _result_status(summary)
         final = summary.get("progress")
-        if isinstance(final, dict) and "step" in final:
-            status["progress"] = {**status.get("progress", {}), **final}
+        if isinstance(final, dict):
+            status["progress"] = _final_progress(status.get("progress", {}), final)
     elif previous.get("result"):
         status["result"] = previous["result"]
     return status

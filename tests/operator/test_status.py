@@ -127,6 +127,17 @@ def test_progress_and_result() -> None:
     assert done["result"] == summary
     assert done["progress"]["summary"] == "120/1000 (12%)"  # the last report outlives the worker
 
+    # The worker's final numbers complete the last live report; nulls never reach the schema.
+    final = {
+        **summary,
+        "progress": {"step": 1000, "totalSteps": 1000, "epoch": 3.0, "loss": 0.5, "evalLoss": None},
+    }
+    finished = _status(
+        Observed(job=_job("Complete"), pods=[_pod("Succeeded", 0, json.dumps(final))]), previous=running
+    )
+    assert finished["progress"]["summary"] == "1000/1000 (100%)" and finished["progress"]["loss"] == 0.5
+    assert finished["progress"]["etaSeconds"] == 0 and None not in finished["progress"].values()
+
     # Whatever the worker writes, status only gets what its schema allows.
     noisy = {
         **summary,
