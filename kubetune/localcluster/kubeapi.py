@@ -9,9 +9,10 @@ talks to a cluster this package started.
 from __future__ import annotations
 
 import json
+import logging
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -123,3 +124,26 @@ def wake_on_changes(api: KubeAPI, path: str, wake: threading.Event, stopping: th
                     return
         except Exception:
             stopping.wait(1.0)
+
+
+def resync_loop(
+    api: KubeAPI,
+    paths: tuple[str, ...],
+    sync: Callable[[], None],
+    stopping: threading.Event,
+    *,
+    name: str,
+    resync_s: float = 10.0,
+) -> None:
+    """Run ``sync`` whenever something under ``paths`` changes, and at least every ``resync_s``
+    seconds, until ``stopping``. A failing pass is logged and retried on the next wake-up."""
+    changed = threading.Event()
+    for path in paths:
+        threading.Thread(target=wake_on_changes, args=(api, path, changed, stopping), daemon=True).start()
+    while not stopping.is_set():
+        changed.wait(resync_s)
+        changed.clear()
+        try:
+            sync()
+        except Exception as exc:
+            logging.getLogger("kubetune.localcluster").warning("%s: %s", name, exc)

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kubetune.localcluster.kubeapi import ApiError, KubeAPI, wake_on_changes
+from kubetune.localcluster.kubeapi import ApiError, KubeAPI, resync_loop
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
@@ -73,18 +73,8 @@ class Provisioner:
         self.stopping = stopping
 
     def run(self) -> None:
-        changed = threading.Event()
-        for path in ("/api/v1/persistentvolumeclaims", "/api/v1/persistentvolumes"):
-            threading.Thread(
-                target=wake_on_changes, args=(self.api, path, changed, self.stopping), daemon=True
-            ).start()
-        while not self.stopping.is_set():
-            changed.wait(_RESYNC_S)
-            changed.clear()
-            try:
-                self.sync()
-            except Exception as exc:
-                log.warning("provisioner: %s", exc)
+        paths = ("/api/v1/persistentvolumeclaims", "/api/v1/persistentvolumes")
+        resync_loop(self.api, paths, self.sync, self.stopping, name="provisioner", resync_s=_RESYNC_S)
 
     def sync(self) -> None:
         for claim in self.api.get("/api/v1/persistentvolumeclaims")["items"]:

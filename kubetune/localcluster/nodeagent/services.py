@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from kubetune.localcluster import network
-from kubetune.localcluster.kubeapi import KubeAPI, wake_on_changes
+from kubetune.localcluster.kubeapi import KubeAPI, resync_loop
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
@@ -140,18 +140,8 @@ class ServiceProxy:
         self.addresses: set[str] = set()
 
     def run(self) -> None:
-        changed = threading.Event()
-        for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"):
-            threading.Thread(
-                target=wake_on_changes, args=(self.api, path, changed, self.stopping), daemon=True
-            ).start()
-        while not self.stopping.is_set():
-            changed.wait(_RESYNC_S)
-            changed.clear()
-            try:
-                self.sync()
-            except Exception as exc:
-                log.warning("service proxy: %s", exc)
+        paths = ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices")
+        resync_loop(self.api, paths, self.sync, self.stopping, name="service proxy", resync_s=_RESYNC_S)
         for listener in self.listeners.values():
             listener.close()
 
