@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from kubetune.worker.testing import deep_merge
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "kubetune-benchmarks"
@@ -90,17 +92,6 @@ def prepare_model(work_dir: Path, *, size: ModelSize, pretrain_steps: int, seed:
         make_tiny_model(directory, size=size, seed=seed, pretrain_steps=pretrain_steps)
         marker.write_text("")
     return directory
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override`` merged in, recursively for nested mappings."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def plan_for(

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import random
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,3 +193,15 @@ def write_records(path: str | Path, records: list[dict[str, Any]]) -> Path:
     else:
         raise ValueError(f"unsupported suffix {suffix}")
     return path
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` merged in, recursively for nested mappings (for building
+    plan dictionaries in tests and benchmarks; ``base`` is never modified)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
