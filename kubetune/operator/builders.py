@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, FineTuneJob, PodTemplateOverrides
+from kubetune.api.v1alpha1 import FineTuneJob, PodTemplateOverrides
+from kubetune.operator import kube
 from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
 from kubetune.worker import plan as wp
 from kubetune.worker.errors import ERROR_TYPES, Preempted
@@ -18,6 +19,9 @@ from kubetune.worker.errors import ERROR_TYPES, Preempted
 LABEL_FINETUNEJOB = "kubetune.dev/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+#: Pod-template labels copied onto the worker Job too: Kueue reads them from the Job.
+KUEUE_LABELS = (LABEL_KUEUE_QUEUE, "kueue.x-k8s.io/priority-class")
 PLAN_MOUNT = "/etc/kubetune"
 PLAN_KEY = "plan.json"
 CONTAINER = "worker"
@@ -30,23 +34,38 @@ WORKER_UID = 1000
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Operator-wide defaults for worker pods (set from the operator's command line)."""
+    """Operator-wide defaults for worker and serving pods (set from the operator's command line)."""
 
-    image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    image: str = "ghcr.io/kubetune/worker:0.1.0"
     image_pull_policy: str = "IfNotPresent"
+    #: Serving pods' image and pull policy; empty: the worker's (one image holds train and serve).
+    server_image: str = ""
+    server_image_pull_policy: str = ""
+    #: Secret names for imagePullSecrets, used when the object's podTemplate names none.
+    image_pull_secrets: tuple[str, ...] = ()
+    #: ServiceAccounts for pods whose podTemplate names none; empty: the namespace's default.
+    service_account: str = ""
+    server_service_account: str = ""
 
 
 def pod_spec_with(
     containers: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
     overrides: PodTemplateOverrides | None,
+    *,
+    service_account: str = "",
+    image_pull_secrets: tuple[str, ...] = (),
     **fields: Any,
 ) -> dict[str, Any]:
-    """A pod spec for kubetune's pods: non-root, seccomp, no service links, plus the user's
-    scheduling overrides (node selector, tolerations, affinity, priority, service account, pull
-    secrets)."""
+    """A pod spec for kubetune's pods: non-root, seccomp, no service links, no API token (workers
+    and servers never call the API), the operator's default service account and pull secrets, plus
+    the user's scheduling overrides (node selector, tolerations, affinity, priority, service
+    account, pull secrets)."""
     spec: dict[str, Any] = {
         **fields,
+        **({"serviceAccountName": service_account} if service_account else {}),
+        **({"imagePullSecrets": [{"name": s} for s in image_pull_secrets]} if image_pull_secrets else {}),
+        "automountServiceAccountToken": False,
         "containers": containers,
         "volumes": volumes,
         "securityContext": {
@@ -82,14 +101,18 @@ def worker_job_name(job: FineTuneJob) -> str:
 
 def owner_reference(job: FineTuneJob) -> dict[str, Any]:
     """Makes the child garbage-collected with its FineTuneJob."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "FineTuneJob",
-        "name": job.metadata.name,
-        "uid": job.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return kube.owner_reference("FineTuneJob", job.metadata)
+
+
+def queue_labels(job: FineTuneJob) -> dict[str, str]:
+    """The Kueue labels of the user's pod template, which Kueue reads on the Job itself."""
+    labels = job.spec.pod_template.labels if job.spec.pod_template else None
+    return {key: value for key, value in (labels or {}).items() if key in KUEUE_LABELS}
+
+
+def queued(job: FineTuneJob) -> bool:
+    """Whether Kueue admits the worker Job (and so owns its ``spec.suspend`` after creation)."""
+    return LABEL_KUEUE_QUEUE in queue_labels(job)
 
 
 def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
@@ -192,12 +215,16 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
         [container],
         volumes,
         overrides,
+        service_account=settings.service_account,
+        image_pull_secrets=settings.image_pull_secrets,
         # Never, so that every retry is a new pod and the Job's podFailurePolicy can judge exit codes.
         restartPolicy="Never",
     )
 
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
+        # The initial value only: after creation the reconciler toggles it under its own field
+        # manager, and not at all for a queued Job, whose suspend belongs to Kueue (docs/operator.md).
         "suspend": spec.suspend,
         "podFailurePolicy": {
             "rules": [
@@ -241,7 +268,7 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
         "metadata": {
             "name": worker_job_name(job),
             "namespace": job.metadata.namespace,
-            "labels": child_labels(job, "worker"),
+            "labels": {**queue_labels(job), **child_labels(job, "worker")},
             "ownerReferences": [owner_reference(job)],
         },
         "spec": job_spec,

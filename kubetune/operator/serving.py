@@ -11,7 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import API_VERSION, AdapterDeployment
+from kubetune.api.v1alpha1 import AdapterDeployment
+from kubetune.operator import kube
 from kubetune.operator.builders import LABEL_COMPONENT, LABEL_MANAGED_BY, WorkerSettings, pod_spec_with
 from kubetune.operator.render import PVC_MOUNT_ROOT
 from kubetune.worker.serving_plan import AdapterEntry, RouteBackend, RouteEntry, ServingPlan
@@ -101,14 +102,7 @@ def plan_sha256(plan: ServingPlan) -> str:
 
 
 def _owner(adep: AdapterDeployment) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "AdapterDeployment",
-        "name": adep.metadata.name,
-        "uid": adep.metadata.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    return kube.owner_reference("AdapterDeployment", adep.metadata)
 
 
 def selector_labels(adep: AdapterDeployment) -> dict[str, str]:
@@ -179,8 +173,8 @@ def deployment(
     )
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
+        "image": spec.image or settings.server_image or settings.image,
+        "imagePullPolicy": settings.server_image_pull_policy or settings.image_pull_policy,
         "command": ["python", "-m", "kubetune", "serve", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"],
         "args": ["--host", "0.0.0.0", "--port", str(port)],
         "env": [
@@ -213,7 +207,13 @@ def deployment(
     annotations = dict(overrides.annotations) if overrides and overrides.annotations else {}
     if spec.update_strategy == "Rolling":
         annotations[ANNOTATION_PLAN_HASH] = plan_sha256(plan)
-    pod_spec = pod_spec_with([container], volumes, overrides)
+    pod_spec = pod_spec_with(
+        [container],
+        volumes,
+        overrides,
+        service_account=settings.server_service_account,
+        image_pull_secrets=settings.image_pull_secrets,
+    )
     labels = {**(overrides.labels if overrides and overrides.labels else {}), **selector_labels(adep)}
     return {
         "apiVersion": "apps/v1",
