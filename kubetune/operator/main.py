@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubetune.operator.builders import WorkerSettings
+
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,21 +23,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-image", default=None, help="default image of worker pods (a FineTuneJob's spec.image wins)"
     )
     parser.add_argument(
+        "--worker-image-pull-policy",
+        "--image-pull-policy",
+        choices=PULL_POLICIES,
+        default=None,
+        help="imagePullPolicy of worker pods (and of serving pods unless --server-image-pull-policy)",
+    )
+    parser.add_argument(
+        "--server-image",
+        default=None,
+        help="default image of serving pods (an AdapterDeployment's spec.image wins); "
+        "default: --worker-image",
+    )
+    parser.add_argument(
+        "--server-image-pull-policy",
+        choices=PULL_POLICIES,
+        default=None,
+        help="imagePullPolicy of serving pods; default: the worker pods'",
+    )
+    parser.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pull Secret for worker and serving pods whose podTemplate names none (repeatable)",
+    )
+    parser.add_argument(
+        "--worker-service-account",
+        default=None,
+        help="ServiceAccount of worker pods whose podTemplate names none; default: the namespace's default",
+    )
+    parser.add_argument(
+        "--server-service-account",
+        default=None,
+        help="ServiceAccount of serving pods whose podTemplate names none; default: the namespace's default",
+    )
+    parser.add_argument(
         "--peering",
         default=None,
         help="kopf peering object name, for several replicas with leader hand-over; default: standalone",
     )
     parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority (the highest runs, the others wait); default with --peering: random, "
+        "so that replicas never tie (a tie freezes them all)",
+    )
+    parser.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL ('' disables)"
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus /metrics (process and Python runtime metrics) on this port; 0 disables",
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
+
+
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker and serving pods' defaults from the command line (unset flags keep the defaults)."""
+    from kubetune.operator.builders import WorkerSettings
+
+    defaults = WorkerSettings()
+    return WorkerSettings(
+        image=args.worker_image or defaults.image,
+        image_pull_policy=args.worker_image_pull_policy or defaults.image_pull_policy,
+        server_image=args.server_image or "",
+        server_image_pull_policy=args.server_image_pull_policy or "",
+        image_pull_secrets=tuple(dict.fromkeys(args.image_pull_secret)),
+        service_account=args.worker_service_account or "",
+        server_service_account=args.server_service_account or "",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import kopf
 
     from kubetune.operator import handlers  # registers the handlers
-    from kubetune.operator.builders import WorkerSettings
     from kubetune.operator.reconcile import OperatorConfig
 
     logging.basicConfig(
@@ -38,15 +109,20 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     del handlers
-    config = OperatorConfig()
-    if args.worker_image:
-        config = OperatorConfig(worker=WorkerSettings(image=args.worker_image))
+    if args.metrics_port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(args.metrics_port)
+    priority = args.priority
+    if priority is None and args.peering is not None:
+        priority = random.randint(1, 32767)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=priority,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=config),
+        memo=kopf.Memo(config=OperatorConfig(worker=worker_settings(args))),
     )
     return 0
