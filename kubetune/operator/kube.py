@@ -1,0 +1,199 @@
+"""Kubernetes helpers both controllers share: read, server-side apply, ownership, serialisation.
+
+Children are written with server-side apply under one field manager (:data:`FIELD_MANAGER`), each
+carrying the sha256 of the manifest it was applied from (:data:`ANNOTATION_APPLIED`). A pass reads
+the child it needs anyway and applies only when that hash differs from the desired one, so an object
+whose desired state did not change costs no write. A child is adopted only when its controller
+ownerReference carries the owner's uid (:func:`ownership_problem`); anything else is reported, never
+touched.
+
+The ``kubernetes`` package is imported lazily so that the pure builders, which use
+:func:`owner_reference`, stay importable without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from kubetune.api import v1alpha1
+
+#: The field manager of everything kubetune applies.
+FIELD_MANAGER = "kubetune"
+#: Annotation on each applied child: sha256 of the manifest it was last applied from.
+ANNOTATION_APPLIED = "kubetune.dev/applied-sha256"
+APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class _Meta(Protocol):
+    name: str | None
+    uid: str | None
+
+
+def owner_reference(kind: str, metadata: _Meta) -> dict[str, Any]:
+    """A controller ownerReference to a kubetune object: garbage-collects the child with it."""
+    return {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": kind,
+        "name": metadata.name,
+        "uid": metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the object's controller (the ownerReference with ``controller: true``), if any."""
+    for reference in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if reference.get("controller"):
+            return str(reference.get("uid"))
+    return None
+
+
+def ownership_problem(child: dict[str, Any] | None, owner_kind: str, owner_uid: str | None) -> str | None:
+    """Why ``child`` (wire form, or None when absent) must not be touched by its would-be owner, or None."""
+    if child is None:
+        return None
+    uid = controller_uid(child)
+    if owner_uid is not None and uid == owner_uid:
+        return None
+    meta = child["metadata"]
+    kind = child.get("kind") or "object"
+    whose = f"is controlled by uid {uid}" if uid else "has no controller"
+    return (
+        f"{kind} {meta['name']} already exists and {whose}, not this {owner_kind} (uid {owner_uid}); "
+        f"kubetune leaves it alone: delete it, or rename this {owner_kind}"
+    )
+
+
+def applied_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest, independent of key order and of the annotation that records it."""
+    meta = dict(manifest.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != ANNOTATION_APPLIED}
+    meta["annotations"] = annotations
+    canonical = json.dumps({**manifest, "metadata": meta}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def stamped(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with :data:`ANNOTATION_APPLIED` set to its hash."""
+    meta = dict(manifest["metadata"])
+    meta["annotations"] = {**(meta.get("annotations") or {}), ANNOTATION_APPLIED: applied_hash(manifest)}
+    return {**manifest, "metadata": meta}
+
+
+def is_current(existing: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    """Whether ``existing`` was applied from exactly ``desired`` (then applying again is a no-op)."""
+    annotations = ((existing or {}).get("metadata") or {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_APPLIED) == applied_hash(desired)
+
+
+# -- API calls ---------------------------------------------------------------------------------------
+
+#: kind -> (API class, snake_case resource name in the client's method names)
+_KINDS: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("CoreV1Api", "config_map"),
+    "Service": ("CoreV1Api", "service"),
+    "Job": ("BatchV1Api", "job"),
+    "Deployment": ("AppsV1Api", "deployment"),
+}
+
+
+def _api(api_client: Any, kind: str) -> tuple[Any, str]:
+    from kubernetes import client
+
+    api_class, resource = _KINDS[kind]
+    return getattr(client, api_class)(api_client), resource
+
+
+def read(api_client: Any, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A namespaced object in wire (camelCase) form, or None when it does not exist."""
+    from kubernetes.client.rest import ApiException
+
+    api, resource = _api(api_client, kind)
+    try:
+        obj = getattr(api, f"read_namespaced_{resource}")(name, namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    wire: dict[str, Any] = api_client.sanitize_for_serialization(obj)
+    wire.setdefault("kind", kind)
+    return wire
+
+
+def apply(api_client: Any, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+    """Server-side apply ``manifest`` (creating it if absent); returns the object in wire form.
+
+    ``force``: the operator is the authority over the fields it applies; fields it does not apply
+    (Kueue's ``spec.suspend`` of a queued Job, an HPA's replicas) stay with their managers.
+    """
+    api, resource = _api(api_client, manifest["kind"])
+    meta = manifest["metadata"]
+    obj = getattr(api, f"patch_namespaced_{resource}")(
+        meta["name"],
+        meta["namespace"],
+        manifest,
+        field_manager=field_manager,
+        force=True,
+        _content_type=APPLY_PATCH,
+    )
+    wire: dict[str, Any] = api_client.sanitize_for_serialization(obj)
+    return wire
+
+
+def apply_if_changed(
+    api_client: Any, existing: dict[str, Any] | None, desired: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Apply ``desired`` unless ``existing`` was applied from it already; returns what was written
+    (None when nothing was)."""
+    if is_current(existing, desired):
+        return None
+    return apply(api_client, stamped(desired))
+
+
+def get_custom_object(custom: Any, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A kubetune object as a dict, or None when it does not exist (any more)."""
+    from kubernetes.client.rest import ApiException
+
+    try:
+        obj: dict[str, Any] = custom.get_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, plural, name
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return obj
+
+
+def patch_status(custom: Any, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    custom.patch_namespaced_custom_object_status(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, plural, name, {"status": status}
+    )
+
+
+# -- per-object serialisation ------------------------------------------------------------------------
+
+_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def serialised(plural: str, namespace: str, name: str) -> Iterator[None]:
+    """One pass per object at a time: the object's own events and its children's events run
+    reconciles from kopf's thread pool, possibly at once."""
+    with _locks_guard:
+        lock = _locks.setdefault((plural, namespace, name), threading.Lock())
+    with lock:
+        yield
+
+
+def forget(plural: str, namespace: str, name: str) -> None:
+    """Drop a deleted object's lock, so the table does not grow with every object ever seen."""
+    with _locks_guard:
+        _locks.pop((plural, namespace, name), None)
