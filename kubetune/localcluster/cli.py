@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     up = sub.add_parser("up", help="start a local cluster in the background")
     up.add_argument("--name", default=DEFAULT_NAME, help="cluster name (default: %(default)s)")
     up.add_argument("--gpus", type=int, default=0, help="fake nvidia.com/gpu count on the node (default: 0)")
+    up.add_argument(
+        "--runtime",
+        choices=["podman", "process"],
+        default="podman",
+        help="podman: real containers from local images (default); process: commands as host processes",
+    )
     up.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness (default: 180)")
     down = sub.add_parser("down", help="stop a local cluster")
     down.add_argument("--name", default=DEFAULT_NAME)
@@ -32,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help=argparse.SUPPRESS)
     serve.add_argument("--name", default=DEFAULT_NAME)
     serve.add_argument("--gpus", type=int, default=0)
+    serve.add_argument("--runtime", default="podman")
 
 
 def _state_dir(name: str) -> Path:
@@ -86,6 +93,8 @@ def _up(args: argparse.Namespace) -> int:
         args.name,
         "--gpus",
         str(args.gpus),
+        "--runtime",
+        args.runtime,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -136,7 +145,9 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    cluster = LocalCluster(ClusterOptions(name=args.name, nodes=[NodeOptions(gpus=args.gpus)]))
+    cluster = LocalCluster(
+        ClusterOptions(name=args.name, nodes=[NodeOptions(gpus=args.gpus, runtime=args.runtime)])
+    )
     with cluster:
         (cluster.state_dir / "ready").touch()
         print(f"cluster {args.name} ready: {cluster.kubeconfig}", flush=True)

@@ -91,10 +91,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class NodeOptions:
-    """One node agent. ``gpus`` is the fake ``nvidia.com/gpu`` capacity it advertises."""
+    """One node agent. ``gpus`` is the fake ``nvidia.com/gpu`` capacity it advertises.
+    ``runtime`` is ``process`` (commands as host processes, images ignored) or ``podman`` (real
+    containers from local images, security context and limits enforced)."""
 
     name: str = "node-1"
     gpus: int = 0
+    runtime: str = "process"
     cpu: str = "8"
     memory: str = "32Gi"
     max_pods: int = 110
@@ -445,6 +448,7 @@ class LocalCluster:
             "cluster_state_dir": str(self.state_dir),
             "node_dir": str(node_dir),
             "gpus": node.gpus,
+            "runtime": node.runtime,
             "cpu": node.cpu,
             "memory": node.memory,
             "max_pods": node.max_pods,

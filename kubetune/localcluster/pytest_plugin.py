@@ -37,16 +37,28 @@ _TEST_MAX_RESTART_BACKOFF_S = 5.0
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ClusterHandle]:
+    yield from session_cluster(runtime="process")
+
+
+def session_cluster(runtime: str) -> Iterator[ClusterHandle]:
+    """The body of a session ``cluster`` fixture: ``KUBECONFIG``'s cluster when set, else an
+    embedded one whose node runs containers with ``runtime`` (``process`` or ``podman``).
+
+    A conftest that needs real containers overrides ``cluster`` with
+    ``yield from session_cluster(runtime="podman")``.
+    """
     kubeconfig = os.environ.get("KUBECONFIG")
     if kubeconfig:
         yield ClusterHandle(Path(kubeconfig.split(os.pathsep)[0]))
         return
     from kubetune.localcluster.binaries import BinariesMissing
-    from kubetune.localcluster.controlplane import ClusterError, ClusterOptions, LocalCluster
+    from kubetune.localcluster.controlplane import ClusterError, ClusterOptions, LocalCluster, NodeOptions
 
     local = LocalCluster(
         ClusterOptions(
-            restart_backoff_s=_TEST_RESTART_BACKOFF_S, max_restart_backoff_s=_TEST_MAX_RESTART_BACKOFF_S
+            nodes=[NodeOptions(runtime=runtime)],
+            restart_backoff_s=_TEST_RESTART_BACKOFF_S,
+            max_restart_backoff_s=_TEST_MAX_RESTART_BACKOFF_S,
         )
     )
     try:

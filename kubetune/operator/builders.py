@@ -30,6 +30,7 @@ CONTAINER = "worker"
 PREEMPTED_EXIT_CODE = Preempted.exit_code
 #: Non-root identity of worker pods (the image's user); fsGroup makes mounted claims writable.
 WORKER_UID = 1000
+SCRATCH_VOLUME = "tmp"
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,21 @@ def pod_spec_with(
     image_pull_secrets: tuple[str, ...] = (),
     **fields: Any,
 ) -> dict[str, Any]:
-    """A pod spec for kubetune's pods: non-root, seccomp, no service links, no API token (workers
-    and servers never call the API), the operator's default service account and pull secrets, plus
-    the user's scheduling overrides (node selector, tolerations, affinity, priority, service
-    account, pull secrets)."""
+    """A pod spec for kubetune's pods: non-root, read-only root with /tmp as an emptyDir, seccomp,
+    no service links, no API token (workers and servers never call the API), the operator's
+    default service account and pull secrets, plus the user's scheduling overrides (node selector,
+    tolerations, affinity, priority, service account, pull secrets)."""
+    # The root filesystem is read-only (the images are built for it); /tmp is the one scratch
+    # path every process expects, so each pod gets it as an emptyDir.
+    containers = [
+        {
+            **c,
+            "volumeMounts": [*c.get("volumeMounts", []), {"name": SCRATCH_VOLUME, "mountPath": "/tmp"}],
+            "securityContext": {**c.get("securityContext", {}), "readOnlyRootFilesystem": True},
+        }
+        for c in containers
+    ]
+    volumes = [*volumes, {"name": SCRATCH_VOLUME, "emptyDir": {}}]
     spec: dict[str, Any] = {
         **fields,
         **({"serviceAccountName": service_account} if service_account else {}),

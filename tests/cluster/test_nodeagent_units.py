@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env, expand
+from kubetune.localcluster.nodeagent.env import EnvError, container_command, container_env, expand
 from kubetune.localcluster.nodeagent.probes import ProbeState
 from kubetune.localcluster.nodeagent.provisioner import volume_for
 from kubetune.localcluster.nodeagent.server import select
@@ -88,14 +88,13 @@ def test_missing_reference_is_a_config_error() -> None:
         env_of({"env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "zz"}}}]})
 
 
-def test_command_is_required() -> None:
-    assert container_argv({"command": ["python"], "args": ["-c", "$(A)"]}, {"A": "pass"}) == [
-        "python",
-        "-c",
-        "pass",
-    ]
-    with pytest.raises(EnvError, match="no command"):
-        container_argv({"image": "nginx"}, {})
+def test_command_and_args_expand_and_default_to_the_image() -> None:
+    assert container_command({"command": ["python"], "args": ["-c", "$(A)"]}, {"A": "pass"}) == (
+        ["python"],
+        ["-c", "pass"],
+    )
+    assert container_command({"image": "nginx", "args": ["$(A)"]}, {"A": "x"}) == (None, ["x"])
+    assert container_command({"image": "nginx"}, {}) == (None, None)
 
 
 def test_log_selection() -> None:

@@ -5,7 +5,8 @@ Aspects:
 - the plan ConfigMap holds the rendered plan the worker reads;
 - the worker Job: command, mounts per claim, resources incl. GPUs, non-root security context,
   credentials only by Secret reference, podTemplate overrides, suspend/backoff/deadline passthrough,
-  and a podFailurePolicy that fails fast on non-retryable worker exit codes and ignores preemption.
+  and a podFailurePolicy that fails fast on non-retryable worker exit codes and ignores preemption;
+- the Job itself carries the Kueue labels of the pod template (queue name, priority class).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def test_worker_job_shape() -> None:
     assert container["command"][-2:] == ["--plan", "/etc/kubetune/plan.json"]
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"/etc/kubetune", "/mnt/pvc/adapters", "/mnt/pvc/datasets"}
+    assert mounts == {"/etc/kubetune", "/mnt/pvc/adapters", "/mnt/pvc/datasets", "/tmp"}
+    # The root filesystem is read-only; /tmp is the pod's scratch emptyDir.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"adapters", "datasets"}
     assert container["resources"] == {
@@ -104,3 +107,20 @@ def test_pod_failure_policy_fails_fast_and_ignores_preemption() -> None:
     ignored = [r for r in rules if r["action"] == "Ignore"]
     assert any(r.get("onExitCodes", {}).get("values") == [143] for r in ignored)
     assert any(r.get("onPodConditions") == [{"type": "DisruptionTarget"}] for r in ignored)
+
+
+def test_queue_labels_reach_the_job() -> None:
+    labels = {
+        "kueue.x-k8s.io/queue-name": "team-a-gpus",
+        "kueue.x-k8s.io/priority-class": "low",
+        "team": "nlp",
+    }
+    job = _job(podTemplate={"labels": labels}, suspend=True)
+    manifest = builders.worker_job(job, builders.WorkerSettings())
+    meta_labels = manifest["metadata"]["labels"]
+    assert meta_labels["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    assert meta_labels["kueue.x-k8s.io/priority-class"] == "low"
+    assert "team" not in meta_labels  # only what Kueue reads from the Job
+    assert manifest["spec"]["template"]["metadata"]["labels"]["team"] == "nlp"
+    assert manifest["spec"]["suspend"] is True and builders.queued(job)
+    assert not builders.queued(_job())

@@ -1,9 +1,10 @@
-"""The node agent: kubelet's job for one Node of the local cluster, with pods as processes.
+"""The node agent: kubelet's job for one Node of the local cluster.
 
 It registers the Node (Ready, with cpu/memory/pods and an optional fake ``nvidia.com/gpu``
 capacity), renews the node Lease, watches the pods bound to it and hands each to a
-:class:`~kubetune.localcluster.nodeagent.pod.PodWorker`. Container images are recorded in
-the status but never pulled: commands run in the host's Python environment.
+:class:`~kubetune.localcluster.nodeagent.pod.PodWorker`. Containers run through the node's
+container runtime (:mod:`~kubetune.localcluster.nodeagent.runtime`): real containers from
+images with podman, or host processes for fast tests.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError, Credentials, KubeAPI
 from kubetune.localcluster.nodeagent.pod import PodWorker, now_rfc3339
 from kubetune.localcluster.nodeagent.provisioner import Provisioner
+from kubetune.localcluster.nodeagent.runtime import ContainerRuntime, make_runtime
 from kubetune.localcluster.nodeagent.server import LogServer
 from kubetune.localcluster.nodeagent.services import ServiceProxy
 
@@ -67,7 +69,9 @@ class NodeAgent:
             "KUBERNETES_PORT_443_TCP_PORT": str(config["api_port"]),
             "KUBERNETES_PORT_443_TCP_ADDR": config["api_host"],
         }
-        # The agent's own interpreter comes first so `python` in a command is the host env's.
+        self.runtime: ContainerRuntime = make_runtime(config.get("runtime", "process"), self.node_name)
+        # Host processes find `python` in the agent's own environment first; containers keep the
+        # image's PATH, as under kubelet.
         self.container_path = os.pathsep.join(
             [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")]
         )
@@ -80,6 +84,8 @@ class NodeAgent:
 
     def base_env(self, hostname: str) -> dict[str, str]:
         """Variables every container starts from; the pod's own ``env`` may override them."""
+        if self.runtime.name != "kubetune":
+            return {"HOSTNAME": hostname}
         return {
             "PATH": self.container_path,
             "HOSTNAME": hostname,
@@ -125,7 +131,7 @@ class NodeAgent:
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": os.uname().release,
-                "osImage": "kubetune local node", "containerRuntimeVersion": "kubetune://processes",
+                "osImage": "kubetune local node", "containerRuntimeVersion": self.runtime.version,
                 "kubeletVersion": self._version, "kubeProxyVersion": "", "operatingSystem": "linux",
                 "architecture": "amd64",
             },
@@ -326,6 +332,7 @@ class NodeAgent:
                     return path
         path = self.cluster_state / "volumes" / namespace / claim
         path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
         return path
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -343,6 +350,8 @@ class NodeAgent:
 
     def run(self) -> None:
         self.node_dir.mkdir(parents=True, exist_ok=True)
+        # Containers an earlier agent of this node left behind (it crashed) are not ours to adopt.
+        self.runtime.sweep()
         self.log_server = LogServer(
             self.gateway,
             self.node_dir / "pods",
@@ -376,6 +385,7 @@ class NodeAgent:
             worker.join(self.shutdown_grace_s + 10)
         # Workers that did not finish in time must not leave namespaces or processes behind.
         procs.kill_recorded(self.node_dir / "containers", grace=0)
+        self.runtime.sweep()
         for netns, veth in list(self.sandboxes.values()):
             network.delete_pod_netns(netns, veth)
             (self.cluster_state / "netns" / netns).unlink(missing_ok=True)

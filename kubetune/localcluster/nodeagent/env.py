@@ -145,10 +145,11 @@ def container_env(
     return env
 
 
-def container_argv(container: JSON, env: Mapping[str, str]) -> list[str]:
-    argv = [expand(a, env) for a in container.get("command", [])] + [
-        expand(a, env) for a in container.get("args", [])
-    ]
-    if not argv:
-        raise EnvError("container has no command: images are not run, so the command must be given")
-    return argv
+def container_command(container: JSON, env: Mapping[str, str]) -> tuple[list[str] | None, list[str] | None]:
+    """``command`` and ``args`` with ``$(NAME)`` expanded; None where the image's ENTRYPOINT or CMD
+    applies."""
+    command, args = container.get("command"), container.get("args")
+    return (
+        [expand(a, env) for a in command] if command else None,
+        [expand(a, env) for a in args] if args else None,
+    )

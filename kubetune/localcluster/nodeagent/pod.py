@@ -1,4 +1,5 @@
-"""One pod on the node: its sandbox, its containers as processes, and its status.
+"""One pod on the node: its sandbox, its containers (run by the node's container runtime), and its
+status.
 
 A :class:`PodWorker` thread owns one pod from binding until its API object is gone. Its loop
 is level-based like kubelet's ``syncPod``: each pass looks at the pod object and the
@@ -12,10 +13,8 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError
-from kubetune.localcluster.nodeagent.env import EnvError, container_argv, container_env
+from kubetune.localcluster.nodeagent.env import EnvError, container_command, container_env
 from kubetune.localcluster.nodeagent.probes import ProbeState, http_get
+from kubetune.localcluster.nodeagent.runtime import ContainerRun, ImageError, ImageInfo, Security
 from kubetune.localcluster.nodeagent.services import hosts_entries, service_env
 from kubetune.localcluster.nodeagent.volumes import (
     VolumeContext,
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
-LAUNCHER = Path(__file__).with_name("_launch.py")
 _TICK_S = 0.1
 # kubelet syncs ConfigMap/Secret volumes about once a minute; tests want to see changes sooner.
 _VOLUME_SYNC_S = 2.0
@@ -62,6 +61,9 @@ class Container:
     init: bool
     restart_count: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    run: ContainerRun | None = None  # the current (or last) run of this container
+    image_id: str = ""
+    pull_failures: int = 0
     started_at: str | None = None
     started_mono: float = 0.0
     state: JSON = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
@@ -321,7 +323,7 @@ class PodWorker(threading.Thread):
     def _termination_file(self, c: Container) -> Path:
         return self.dir / "termination" / f"{c.name}-{c.restart_count}"
 
-    def _container_spec(self, c: Container, argv: list[str], env: dict[str, str], log_path: Path) -> JSON:
+    def _container_run(self, c: Container, env: dict[str, str]) -> ContainerRun:
         assert self.volume_paths is not None
         mounts = container_mounts(c.spec, self.volume_paths)
         mounts.append({"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False})
@@ -330,15 +332,26 @@ class PodWorker(threading.Thread):
             "target": c.spec.get("terminationMessagePath") or "/dev/termination-log",
             "readOnly": False,
         })  # fmt: skip
-        return {
-            "argv": argv,
-            "env": env,
-            "log": str(log_path),
-            "netns": None if self.host_network else f"/run/netns/{self.netns}",
-            "hostname": self.hostname,
-            "mounts": mounts,
-            "workingDir": c.spec.get("workingDir"),
-        }
+        memory, cpu = ContainerRun.limits_of(c.spec)
+        command, args = container_command(c.spec, env)
+        return ContainerRun(
+            id=f"kt-{self.uid[:8]}-{c.name}-{c.restart_count}",
+            image=c.spec.get("image", ""),
+            pull_policy=c.spec.get("imagePullPolicy") or "IfNotPresent",
+            command=command,
+            args=args,
+            env=env,
+            mounts=mounts,
+            netns=None if self.host_network else f"/run/netns/{self.netns}",
+            hostname=self.hostname,
+            working_dir=c.spec.get("workingDir"),
+            log_path=self.log_path(c),
+            state_dir=self.dir,
+            security=Security.of(self.spec, c.spec),
+            memory_limit=memory,
+            cpu_limit=cpu,
+            labels={"io.kubetune.pod": f"{self.namespace}/{self.pod_name}", "io.kubetune.pod-uid": self.uid},
+        )
 
     def _env(self, c: Container) -> dict[str, str]:
         # The pod's status may not carry its IP yet when its first container starts.
@@ -360,12 +373,42 @@ class PodWorker(threading.Thread):
     def log_path(self, c: Container, restart_count: int | None = None) -> Path:
         return self.dir / c.name / f"{c.restart_count if restart_count is None else restart_count}.log"
 
+    def _pull(self, c: Container, now: float) -> ImageInfo | None:
+        """Make the container's image available per its pull policy; None while it is not."""
+        image = c.spec.get("image", "")
+        runtime = self.agent.runtime
+        try:
+            info = runtime.ensure_image(image, c.spec.get("imagePullPolicy") or "IfNotPresent")
+        except ImageError as exc:
+            # As kubelet: the first failure is ErrImagePull, retries wait in ImagePullBackOff.
+            delay = min(self.agent.restart_backoff_s * 2**c.pull_failures, self.agent.max_restart_backoff_s)
+            reason = (
+                exc.reason if c.pull_failures == 0 or exc.reason != "ErrImagePull" else "ImagePullBackOff"
+            )
+            message = exc.message if reason != "ImagePullBackOff" else f'Back-off pulling image "{image}"'
+            if c.pull_failures == 0:
+                self.agent.post_event(self.pod, "Warning", "Failed", exc.message, c.name)
+                self.agent.post_event(self.pod, "Warning", "Failed", f"Error: {exc.reason}", c.name)
+            c.pull_failures += 1
+            c.next_start = now + delay
+            c.state = {"waiting": {"reason": reason, "message": message}}
+            return None
+        if not c.image_id and runtime.name != "kubetune":
+            self.agent.post_event(
+                self.pod, "Normal", "Pulled", f'Container image "{image}" already present on machine', c.name
+            )
+        c.image_id, c.pull_failures = info.id, 0
+        return info
+
     def _start(self, c: Container) -> None:
+        now = time.monotonic()
         try:
             env = self._env(c)
-            argv = container_argv(c.spec, env)
         except EnvError as exc:
             self._config_error(str(exc))
+            return
+        image = self._pull(c, now)
+        if image is None:
             return
         log_path = self.log_path(c)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -373,13 +416,16 @@ class PodWorker(threading.Thread):
         message_file.parent.mkdir(parents=True, exist_ok=True)
         message_file.write_bytes(b"")
         message_file.chmod(0o666)
-        spec_file = self.dir / "specs" / f"{c.name}-{c.restart_count}.json"
-        spec_file.parent.mkdir(parents=True, exist_ok=True)
-        spec_file.write_text(json.dumps(self._container_spec(c, argv, env, log_path)))
-        c.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)],
-            stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-        )  # fmt: skip
+        run = self._container_run(c, env)
+        try:
+            where = f'pod: "{self.pod_name}_{self.namespace}({self.uid})", container: {c.name}'
+            self.agent.runtime.verify(run, image, where)
+        except EnvError as exc:
+            c.next_start = now + self.agent.restart_backoff_s
+            self._config_error(str(exc))
+            return
+        c.run = run
+        c.proc = self.agent.runtime.start(run)
         c.record = procs.record(
             self.agent.node_dir / "containers", f"{self.uid[:8]}-{c.name}-{c.restart_count}", c.proc.pid
         )
@@ -413,27 +459,23 @@ class PodWorker(threading.Thread):
         if c.proc is None:
             return
         if c.proc.poll() is None:
-            if c.kill_deadline is not None and now >= c.kill_deadline:
-                procs.kill_group(c.proc.pid, signal.SIGKILL)
+            if c.kill_deadline is not None and now >= c.kill_deadline and c.run is not None:
+                self.agent.runtime.signal(c.run, c.proc, signal.SIGKILL)
             return
-        exit_code = c.proc.returncode
-        # A signal death is reported as 128 + signal, as container runtimes do.
-        if exit_code < 0:
-            exit_code = 128 - exit_code
-        # The main process is the container: whatever it left running dies with it.
-        procs.kill_group(c.proc.pid, signal.SIGKILL)
+        assert c.run is not None
+        result = self.agent.runtime.reap(c.run, c.proc)
+        exit_code = result.code
         if c.record:
             c.record.unlink(missing_ok=True)
         c.proc = None
-        reason = "Completed" if exit_code == 0 else "Error"
         terminated = {
             "exitCode": exit_code,
-            "reason": reason,
+            "reason": result.reason,
             "startedAt": c.started_at,
             "finishedAt": now_rfc3339(),
             "containerID": self.container_id(c),
         }
-        message = self._termination_message(c, exit_code)
+        message = self._termination_message(c, exit_code) or result.message
         if message:
             terminated["message"] = message
         c.state = {"terminated": terminated}
@@ -491,7 +533,8 @@ class PodWorker(threading.Thread):
         return message
 
     def container_id(self, c: Container) -> str:
-        return f"kubetune://{self.uid}/{c.name}/{c.restart_count}"
+        run_id = c.run.id if c.run is not None else f"kt-{self.uid[:8]}-{c.name}-{c.restart_count}"
+        return f"{self.agent.runtime.name}://{run_id}"
 
     def _run_hook(self, c: Container, hook: str, timeout: float) -> str | None:
         """Run the container's ``lifecycle`` hook; return why it failed, or None."""
@@ -520,8 +563,8 @@ class PodWorker(threading.Thread):
             self.agent.post_event(self.pod, "Warning", "FailedPreStopHook", failure, c.name)
         # As in kubelet, the preStop hook's time comes out of the grace period.
         grace = max(0.0, grace - (time.monotonic() - started))
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(c.proc.pid, signal.SIGTERM)
+        if c.run is not None and c.proc is not None:
+            self.agent.runtime.signal(c.run, c.proc, signal.SIGTERM)
         c.kill_deadline = time.monotonic() + grace
         c.kill_reason = reason
         self.agent.post_event(self.pod, "Normal", "Killing", f"Stopping container {c.name}: {reason}", c.name)
@@ -561,13 +604,10 @@ class PodWorker(threading.Thread):
             self._kill(c, self._grace(), f"{kind.lower()} probe failed")
 
     def _exec(self, c: Container, command: list[str], timeout: float) -> int:
-        """Run ``command`` in the pod's namespaces with the container's environment."""
-        spec_file = self.dir / "specs" / f"{c.name}-exec.json"
-        spec = self._container_spec(c, command, self._env(c), self.dir / c.name / "exec.log")
-        spec_file.write_text(json.dumps(spec))
-        return subprocess.run(
-            [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)], timeout=timeout, check=False
-        ).returncode
+        """Run ``command`` in the container (its namespaces and environment)."""
+        if c.run is None:
+            return 1
+        return self.agent.runtime.exec(c.run, command, timeout)
 
     def _grace(self) -> float:
         seconds = self.pod["metadata"].get("deletionGracePeriodSeconds")
@@ -578,8 +618,8 @@ class PodWorker(threading.Thread):
     def _kill_all(self, grace: float) -> None:
         for c in self.containers:
             self._kill(c, grace, "pod deleted")
-            if grace == 0 and c.proc is not None:
-                procs.kill_group(c.proc.pid, signal.SIGKILL)
+            if grace == 0 and c.proc is not None and c.run is not None:
+                self.agent.runtime.signal(c.run, c.proc, signal.SIGKILL)
 
     def _terminate(self) -> None:
         """SIGTERM every container, SIGKILL after the grace period, then release the pod."""
@@ -627,7 +667,7 @@ class PodWorker(threading.Thread):
         status: JSON = {
             "name": c.name,
             "image": c.spec.get("image", ""),
-            "imageID": "",
+            "imageID": c.image_id,
             "ready": c.ready,
             "started": c.started,
             "restartCount": c.restart_count,

@@ -94,7 +94,11 @@ class Provisioner:
 
     def _provision(self, claim: JSON) -> None:
         volume = volume_for(claim, self.root)
-        Path(volume["spec"]["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
+        path = Path(volume["spec"]["hostPath"]["path"])
+        path.mkdir(parents=True, exist_ok=True)
+        # Writable by any container user, as kind's local-path provisioner makes its volumes:
+        # hostPath volumes get no fsGroup ownership change from kubelet.
+        path.chmod(0o777)
         try:
             self.api.create("/api/v1/persistentvolumes", volume)
             meta = claim["metadata"]
