@@ -17,7 +17,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make test   - set up everything from a fresh clone and run lint + the test suite"
-	@echo "make demo   - train then serve on the embedded local cluster (DEMO_ARGS=--keep keeps it)"
+	@echo "make demo   - train then serve on the embedded local cluster, from the images (DEMO_ARGS=--keep keeps it)"
+	@echo "make images - build the operator and worker images (docker or podman)"
 	@echo "make crds   - regenerate crds/ from the API models"
 	@echo "make lint   - ruff + mypy"
 
@@ -36,7 +37,7 @@ test: venv lint $(TEST_PREREQS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 DEMO_ARGS ?=
-demo: venv cluster-build
+demo: venv cluster-build images
 	$(PY) hack/demo.py $(DEMO_ARGS)
 
 clean:

@@ -1,7 +1,9 @@
 """``make demo``: train, then serve, on the embedded local cluster.
 
-1. starts a local Kubernetes (etcd, apiserver, controller-manager, scheduler, a node agent);
-2. installs the CRDs and the operator with the Helm chart (the operator runs as a pod);
+1. starts a local Kubernetes (etcd, apiserver, controller-manager, scheduler, a node agent that
+   runs every pod as a real container with podman);
+2. installs the CRDs and the operator with the Helm chart, from the images `make images` built
+   (the operator, the worker and the server each run as a container of those images);
 3. puts a small Llama-architecture model and a synthetic task (a letter cipher) on a
    PersistentVolumeClaim;
 4. applies a LoRA FineTuneJob and follows its progress from status until the artifact is published;
@@ -25,8 +27,8 @@ import httpx
 from kubernetes import client
 
 from kubetune.api import crdgen, v1alpha1
-from kubetune.localcluster.controlplane import ClusterOptions, LocalCluster
-from kubetune.localcluster.testing import ClusterHandle, wait_for
+from kubetune.localcluster.controlplane import ClusterOptions, LocalCluster, NodeOptions
+from kubetune.localcluster.testing import BuiltImages, ClusterHandle, wait_for
 from kubetune.worker.testing import make_tiny_model, task_records, write_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +82,7 @@ def get(api: client.CustomObjectsApi, plural: str, name: str) -> dict[str, Any]:
     return result
 
 
-def run_demo(handle: ClusterHandle, steps: int) -> None:
+def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int) -> None:
     api_client = handle.api_client()
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
@@ -89,7 +91,7 @@ def run_demo(handle: ClusterHandle, steps: int) -> None:
     crdgen.apply(api_client)
     handle.helm(
         "install", "kubetune", str(ROOT / "charts" / "kubetune"), "--namespace", "kubetune-system",
-        "--create-namespace", "--skip-crds", "--wait", "--timeout", "180s",
+        "--create-namespace", "--skip-crds", *images.helm_values(), "--wait", "--timeout", "180s",
     )  # fmt: skip
     print(handle.kubectl("get", "deploy,pods", "-n", "kubetune-system").stdout)
 
@@ -170,12 +172,13 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     args = parser.parse_args()
 
-    say("starting the embedded local cluster")
-    cluster = LocalCluster(ClusterOptions(name="demo"))
+    images = BuiltImages.read(ROOT / "_out" / "images.env")
+    say(f"starting the embedded local cluster (images: {images.operator}, {images.worker})")
+    cluster = LocalCluster(ClusterOptions(name="demo", nodes=[NodeOptions(runtime="podman")]))
     cluster.start()
     try:
         handle = ClusterHandle(cluster.kubeconfig, cluster)
-        run_demo(handle, args.steps)
+        run_demo(handle, images, args.steps)
         say("done")
         if args.keep:
             print(f"cluster left running: export KUBECONFIG={cluster.kubeconfig}")

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -76,6 +77,36 @@ def condition_status(obj: Any, kind: str) -> str | None:
         elif condition.type == kind:
             return str(condition.status)
     return None
+
+
+@dataclass(frozen=True)
+class BuiltImages:
+    """The image refs ``make images`` built (it writes them to ``_out/images.env``)."""
+
+    operator: str
+    worker: str
+
+    @classmethod
+    def read(cls, env_file: Path) -> BuiltImages:
+        """Parse ``KEY=VALUE`` lines; raises ``FileNotFoundError`` or ``KeyError`` naming what is missing."""
+        values = dict(
+            line.split("=", 1)
+            for line in env_file.read_text().splitlines()
+            if "=" in line and not line.lstrip().startswith("#")
+        )
+        return cls(values["KUBETUNE_OPERATOR_IMAGE"], values["KUBETUNE_WORKER_IMAGE"])
+
+    def helm_values(self, pull_policy: str = "IfNotPresent") -> list[str]:
+        """``helm --set`` arguments that point the chart's operator, worker and server at them."""
+        values = []
+        for component, ref in (("operator", self.operator), ("worker", self.worker)):
+            repository, _, tag = ref.rpartition(":")
+            values += [
+                "--set", f"{component}.image.repository={repository}",
+                "--set", f"{component}.image.tag={tag}",
+                "--set", f"{component}.image.pullPolicy={pull_policy}",
+            ]  # fmt: skip
+        return values
 
 
 class ClusterHandle:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kubetune.localcluster.pytest_plugin import session_cluster
-from kubetune.localcluster.testing import ClusterHandle
+from kubetune.localcluster.testing import BuiltImages, ClusterHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,12 +28,6 @@ def cluster() -> Iterator[ClusterHandle]:
     yield from session_cluster(runtime="podman")
 
 
-@dataclass(frozen=True)
-class Images:
-    operator: str
-    worker: str
-
-
 def _missing(reason: str) -> None:
     if os.environ.get("KUBETUNE_REQUIRE_IMAGES"):
         pytest.fail(f"{reason} (run `make images`)", pytrace=False)
@@ -42,20 +35,15 @@ def _missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def images() -> Images:
+def images() -> BuiltImages:
     env_file = ROOT / "_out" / "images.env"
-    if not env_file.exists():
-        _missing(f"{env_file} not found")
-    values = dict(
-        line.split("=", 1)
-        for line in env_file.read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
     try:
-        return Images(values["KUBETUNE_OPERATOR_IMAGE"], values["KUBETUNE_WORKER_IMAGE"])
+        return BuiltImages.read(env_file)
+    except FileNotFoundError:
+        _missing(f"{env_file} not found")
     except KeyError as exc:
         _missing(f"{env_file} names no {exc.args[0]}")
-        raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")

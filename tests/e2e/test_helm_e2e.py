@@ -1,14 +1,18 @@
-"""The operator end to end on a real cluster: real Jobs, pods, RBAC and Helm.
+"""The operator end to end on a real cluster from the real images: real Jobs, pods, RBAC, Helm and
+containers (the local cluster's podman node, or kind through KUBECONFIG).
 
 Aspects:
 - the whole loop under the Helm-installed operator (a Deployment with its least-privilege
-  ServiceAccount): a LoRA FineTuneJob on a tiny model and data on a PersistentVolumeClaim trains,
+  ServiceAccount) running from the operator image, with workers and servers from the worker
+  image, every pod as uid 1000 on a read-only root filesystem: a LoRA FineTuneJob on a tiny model
+  and data on a PersistentVolumeClaim trains,
   publishes its artifact on the claim and reports Succeeded; an AdapterDeployment then serves it
   over the OpenAI API, hot-swaps a second adapter in and out without restarting the pod, and scales
   through the scale subresource with every replica loading the adapters;
 - (with `kubetune operator` as a local process) a bad dataset fails the FineTuneJob with the
   worker's reason and message, without retries;
 - a suspended FineTuneJob creates a suspended Job and runs nothing;
+- a worker over its memory limit is OOMKilled by the runtime and the FineTuneJob says OutOfMemory;
 - the operator process logs no traceback.
 """
 
@@ -26,7 +30,7 @@ from typing import Any
 import pytest
 
 from kubetune.api import crdgen, v1alpha1
-from kubetune.localcluster.testing import ClusterHandle, wait_for
+from kubetune.localcluster.testing import BuiltImages, ClusterHandle, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.torch]
 
@@ -37,11 +41,25 @@ def crds(cluster: ClusterHandle) -> None:
 
 
 @pytest.fixture
-def operator(cluster: ClusterHandle, namespace: str, crds: None, tmp_path: Path) -> Iterator[Path]:
+def operator(
+    cluster: ClusterHandle, namespace: str, crds: None, images: BuiltImages, tmp_path: Path
+) -> Iterator[Path]:
+    """`kubetune operator` as a local process (its log is read by the test), workers from the image."""
     log = tmp_path / "operator.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune", "operator", "--namespace", namespace, "--liveness", ""],
+            [
+                sys.executable,
+                "-m",
+                "kubetune",
+                "operator",
+                "--namespace",
+                namespace,
+                "--liveness",
+                "",
+                "--worker-image",
+                images.worker,
+            ],
             env=cluster.env(),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -86,12 +104,16 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
 
 
 @pytest.fixture
-def operator_release(cluster: ClusterHandle, namespace: str, crds: None) -> Iterator[str]:
-    """The chart installed into the test namespace, watching it; uninstalled afterwards."""
+def operator_release(
+    cluster: ClusterHandle, namespace: str, crds: None, images: BuiltImages
+) -> Iterator[str]:
+    """The chart installed into the test namespace with the built images, watching it;
+    uninstalled afterwards."""
     release = f"kt-{secrets.token_hex(3)}"
     cluster.helm(
         "install", release, str(CHART), "--namespace", namespace, "--skip-crds",
-        "--set", f"operator.watchNamespaces={{{namespace}}}", "--wait", "--timeout", "120s",
+        "--set", f"operator.watchNamespaces={{{namespace}}}", *images.helm_values(),
+        "--wait", "--timeout", "180s",
     )  # fmt: skip
     try:
         yield release
@@ -157,6 +179,7 @@ def test_helm_installed_operator_trains_and_publishes(
         .items
     )
     assert pod.spec.service_account_name == f"{operator_release}-operator"  # type: ignore[union-attr]
+    _assert_locked_down(pod)
 
     from kubetune.worker.testing import make_tiny_model, task_records, write_records
 
@@ -181,6 +204,12 @@ def test_helm_installed_operator_trains_and_publishes(
     manifest_file = claim_dir / "out" / "tiny-lora" / "kubetune.json"
     assert json.loads(manifest_file.read_text())["method"] == "lora"
     result = status["result"]
+    (worker,) = (
+        client.CoreV1Api(cluster.api_client())
+        .list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=tiny-lora-train")
+        .items
+    )
+    _assert_locked_down(worker)
     assert result["uri"] == "pvc://data/out/tiny-lora" and result["format"] == "peft"
     assert result["sha256"] == hashlib.sha256(manifest_file.read_bytes()).hexdigest()
     assert result["metrics"]["artifact_size_bytes"] > 0 and result["metrics"]["eval_loss"] > 0
@@ -189,6 +218,23 @@ def test_helm_installed_operator_trains_and_publishes(
     # Least privilege held: nothing the operator tried was forbidden.
     log = cluster.read_log(namespace, pod.metadata.name)  # type: ignore[union-attr]
     assert "Forbidden" not in log and "Traceback" not in log, log[-4000:]
+
+
+def _assert_locked_down(pod: Any) -> None:
+    """Every container of ``pod`` runs from an image, as uid 1000, on a read-only root.
+
+    The spec is what the runtime enforces (tests/e2e/test_container_runtime.py proves it does);
+    the status proves a container runtime, not a host process, ran it."""
+    pod_security = pod.spec.security_context
+    for container, state in zip(pod.spec.containers, pod.status.container_statuses, strict=True):
+        security = container.security_context
+        uid = security.run_as_user if security.run_as_user is not None else pod_security.run_as_user
+        assert uid == 1000, (pod.metadata.name, container.name)
+        assert pod_security.run_as_non_root is True
+        assert security.read_only_root_filesystem is True, (pod.metadata.name, container.name)
+        assert security.allow_privilege_escalation is False
+        assert security.capabilities.drop == ["ALL"]
+        assert state.image_id and not state.container_id.startswith("kubetune://"), state
 
 
 def _adep(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
@@ -245,6 +291,7 @@ def _serve_and_swap(cluster: ClusterHandle, namespace: str) -> None:
     assert status["conditions"][0]["type"] == "Ready" and status["conditions"][0]["status"] == "True"
     assert status["endpoint"] == f"http://support.{namespace}.svc:8000/v1"
     (pod,) = _serving_pods(cluster, namespace)
+    _assert_locked_down(pod)
     url = f"http://{pod.status.pod_ip}:8000"
     answer = httpx.post(
         f"{url}/v1/completions",
@@ -348,3 +395,27 @@ def test_suspended_job_runs_nothing(cluster: ClusterHandle, namespace: str, oper
     job = client.BatchV1Api(cluster.api_client()).read_namespaced_job("held-train", namespace)
     assert job.spec.suspend is True  # type: ignore[union-attr]
     assert not client.CoreV1Api(cluster.api_client()).list_namespaced_pod(namespace).items
+
+
+def test_worker_over_its_memory_limit_is_out_of_memory(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    """The limit is enforced by the runtime (not a worker's own check): importing torch alone needs
+    more than 160 MiB, so the kernel kills the worker and the FineTuneJob says why."""
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+
+    make_tiny_model(claim_dir / "model")
+    write_records(claim_dir / "train.jsonl", task_records(20, fmt="completion"))
+    job = _finetunejob("starved", "train.jsonl", backoffLimit=0)
+    job["spec"]["resources"]["memory"] = "160Mi"
+    _create(cluster, namespace, job)
+    done = wait_for(
+        lambda: _phase_is(cluster, namespace, "starved", "Succeeded", "Failed"),
+        240,
+        interval=1,
+        description=lambda: (
+            f"starved to fail; status: {json.dumps(_get(cluster, namespace, 'starved').get('status'))}"
+        ),
+    )
+    failed = next(c for c in done["status"]["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "OutOfMemory"), failed
