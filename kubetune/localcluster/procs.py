@@ -79,6 +79,11 @@ def cleanup_state(state_dir: Path, *, remove: bool = True) -> None:
     kill_recorded(state_dir / "pids", grace=2.0)
     for containers in state_dir.glob("nodes/*/containers"):
         kill_recorded(containers, grace=0)
+    if any(state_dir.glob("nodes/*/pods")):
+        # Real containers outlive the `podman run` processes killed above.
+        from kubetune.localcluster.nodeagent.runtime import sweep_cluster
+
+        sweep_cluster(state_dir.name)
     netns_dir = state_dir / "netns"
     if netns_dir.is_dir():
         for entry in netns_dir.iterdir():

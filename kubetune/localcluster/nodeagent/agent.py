@@ -69,7 +69,9 @@ class NodeAgent:
             "KUBERNETES_PORT_443_TCP_PORT": str(config["api_port"]),
             "KUBERNETES_PORT_443_TCP_ADDR": config["api_host"],
         }
-        self.runtime: ContainerRuntime = make_runtime(config.get("runtime", "process"), self.node_name)
+        self.runtime: ContainerRuntime = make_runtime(
+            config.get("runtime", "process"), self.cluster_name, self.node_name
+        )
         # Host processes find `python` in the agent's own environment first; containers keep the
         # image's PATH, as under kubelet.
         self.container_path = os.pathsep.join(

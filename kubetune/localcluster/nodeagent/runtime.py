@@ -41,6 +41,7 @@ LAUNCHER = Path(__file__).with_name("_launch.py")
 #: runc (crun refuses hybrid cgroups). Used unless CONTAINERS_CONF is already set.
 CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
 _MEMORY_CGROUP = Path("/sys/fs/cgroup/memory")
+CLUSTER_LABEL = "io.kubetune.cluster"
 _PULL_TIMEOUT_S = 120.0
 _PODMAN_TIMEOUT_S = 60.0
 
@@ -244,15 +245,14 @@ class PodmanRuntime:
 
     name = "podman"
 
-    def __init__(self, node_name: str, *, podman: str = "podman") -> None:
-        self.node_name = node_name
+    def __init__(self, cluster_name: str, node_name: str, *, podman: str = "podman") -> None:
         self.binary = shutil.which(podman) or podman
-        self.label = f"io.kubetune.node={node_name}"
-        self.cgroup_root = f"kubetune/{node_name}"
+        # Several clusters may run at once, each with a "node-1": labels and cgroups name both.
+        self.cluster_label = f"{CLUSTER_LABEL}={cluster_name}"
+        self.label = f"io.kubetune.node={cluster_name}.{node_name}"
+        self.cgroup_root = f"kubetune/{cluster_name}.{node_name}"
         self._oom_fds: dict[str, int] = {}
-        env = dict(os.environ)
-        env.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))
-        self.env = env
+        self.env = podman_env()
         self._version = ""
 
     @property
@@ -378,8 +378,9 @@ class PodmanRuntime:
         sec = run.security
         argv = [
             self.binary, "run", "--name", run.id, "--pull", "never", "--log-driver", "none",
-            "--label", self.label, "--http-proxy=false", "--no-hosts", "--uts", "private",
-            "--hostname", run.hostname, "--cgroup-parent", f"/{self.cgroup_root}/{run.id}",
+            "--label", self.label, "--label", self.cluster_label, "--http-proxy=false", "--no-hosts",
+            "--uts", "private", "--hostname", run.hostname,
+            "--cgroup-parent", f"/{self.cgroup_root}/{run.id}",
         ]  # fmt: skip
         argv += ["--network", f"ns:{run.netns}" if run.netns else "host"]
         for key, value in run.labels.items():
@@ -487,9 +488,32 @@ def _tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-def make_runtime(kind: str, node_name: str) -> ContainerRuntime:
+def podman_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))
+    return env
+
+
+def sweep_cluster(cluster_name: str) -> None:
+    """Remove every container of a cluster whose node agents are gone (a killed test session)."""
+    podman = shutil.which("podman")
+    if podman is None:
+        return
+    env = podman_env()
+    listed = subprocess.run(
+        [podman, "ps", "--all", "--quiet", "--filter", f"label={CLUSTER_LABEL}={cluster_name}"],
+        env=env, capture_output=True, text=True, timeout=_PODMAN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if listed.stdout.split():
+        subprocess.run(
+            [podman, "rm", "--force", "--time", "0", *listed.stdout.split()],
+            env=env, capture_output=True, timeout=_PODMAN_TIMEOUT_S, check=False,
+        )  # fmt: skip
+
+
+def make_runtime(kind: str, cluster_name: str, node_name: str) -> ContainerRuntime:
     if kind == "process":
         return ProcessRuntime()
     if kind == "podman":
-        return PodmanRuntime(node_name)
+        return PodmanRuntime(cluster_name, node_name)
     raise ValueError(f"unknown container runtime {kind!r} (process | podman)")
