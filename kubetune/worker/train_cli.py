@@ -9,6 +9,10 @@ summary there instead (:func:`kubetune.worker.artifact.success_summary`: uri, sh
 ``status.result``.
 
 Nothing heavy is imported at module level: ``kubetune.cli`` imports this module to build its parser.
+Before torch is imported at all, :func:`preflight` reads and checks every dataset file and that the
+model directory exists, where they are on local storage (``pvc://``, ``file://``): a bad dataset
+fails in the time it takes to read it, not after the seconds torch, transformers and peft take to
+import.
 """
 
 from __future__ import annotations
@@ -56,6 +60,26 @@ def _read_plan(args: argparse.Namespace) -> TrainingPlan:
         raise PlanInvalid(f"invalid plan: {'; '.join(str(exc).splitlines()[:4])}") from exc
 
 
+def preflight(plan: TrainingPlan) -> None:
+    """Check the plan's local sources without torch: every record of each dataset file, and that the
+    model directory exists with its config. Remote sources (``hf://``, ``s3://``) are checked by the
+    engine once downloaded. Raises the engine's errors (DatasetInvalid, DatasetNotFound,
+    ModelNotFound)."""
+    from kubetune.worker import data, sources
+
+    dataset = plan.dataset
+    fmt = dataset.format
+    for uri, uri_format in ((dataset.uri, fmt), (dataset.eval_uri, None), (dataset.retention_uri, "auto")):
+        if uri is None or sources.local_path(uri, plan.storage) is None:
+            continue
+        path = sources.resolve_file(uri, plan.storage)
+        _, found = data.load_records(path, uri_format or fmt)
+        if uri == dataset.uri:
+            fmt = found  # the eval file must have the training file's format
+    if sources.local_path(plan.model.uri, plan.storage) is not None:
+        sources.resolve_model(plan.model.uri, plan.model.revision, plan.model.token_env, plan.storage)
+
+
 def run(args: argparse.Namespace) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
@@ -67,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plan = _read_plan(args)
         termination_path = termination_path or plan.progress.termination_message_path
+        preflight(plan)
         from kubetune.worker.engine import configure_threads, train  # torch is imported only here
 
         # The process, not the library, owns the thread pool: in-process callers keep their settings.
