@@ -68,7 +68,7 @@ def preflight(plan: TrainingPlan) -> None:
     from kubetune.worker import data, sources
 
     dataset = plan.dataset
-    fmt = dataset.format
+    fmt: str = dataset.format
     for uri, uri_format in ((dataset.uri, fmt), (dataset.eval_uri, None), (dataset.retention_uri, "auto")):
         if uri is None or sources.local_path(uri, plan.storage) is None:
             continue
