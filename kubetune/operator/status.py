@@ -3,6 +3,13 @@
 Level-based: every pass recomputes conditions from the worker Job, its pods and the worker's live
 progress report, never from the previous phase. Conditions are the authority; ``phase`` is derived
 from them for ``kubectl get``. A condition keeps its ``lastTransitionTime`` while its status holds.
+
+The one thing remembered rather than observed is the end: once Succeeded or Failed is True, it stays
+(:func:`finished`). The spec is immutable apart from ``suspend``, so nothing can make a finished run
+worth repeating, and the worker Job may be gone (``ttlSecondsAfterFinished``, a user) without the run
+being lost. Phases move forward only: Pending, Running (from the first pod start until the Job
+completes, retries and the worker's exit included), then Succeeded or Failed; Suspended whenever the
+Job is held.
 """
 
 from __future__ import annotations
@@ -26,19 +33,36 @@ def rfc3339(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class Observed:
-    """What a reconcile pass saw. ``plan_error`` is set when the plan could not be rendered."""
+    """What a reconcile pass saw. ``plan_error`` is set when the plan could not be rendered;
+    ``conflict`` when a child with our name belongs to someone else; ``queued`` when the Job's
+    ``spec.suspend`` belongs to its queue (Kueue)."""
 
     job: dict[str, Any] | None
     pods: list[dict[str, Any]]
     progress: ProgressReport | None = None
     plan_error: str | None = None
+    conflict: str | None = None
+    queued: bool = False
 
 
-def _job_condition(job: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    for condition in ((job or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("type") == kind and condition.get("status") == "True":
-            return dict(condition)
+def _job_condition(job: dict[str, Any] | None, *kinds: str) -> dict[str, Any] | None:
+    """The first True condition of the given types (in the order given)."""
+    conditions = ((job or {}).get("status") or {}).get("conditions") or []
+    for kind in kinds:
+        for condition in conditions:
+            if condition.get("type") == kind and condition.get("status") == "True":
+                return dict(condition)
     return None
+
+
+def job_ended(job: dict[str, Any] | None) -> bool:
+    """Whether a Job has finished or is bound to (its terminal conditions, or their forerunners)."""
+    return _job_condition(job, "Complete", "SuccessCriteriaMet", "Failed", "FailureTarget") is not None
+
+
+def _started(pods: list[dict[str, Any]]) -> bool:
+    """Whether a worker pod has ever run (pods of a Job with restartPolicy Never stay until it goes)."""
+    return any(((p.get("status") or {}).get("phase")) in ("Running", "Succeeded", "Failed") for p in pods)
 
 
 def _newest_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -94,11 +118,19 @@ def _condition(kind: str, status: bool, reason: str, message: str) -> dict[str, 
 
 
 def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
-    """Every condition type, in a fixed order, without timestamps. ``suspended`` is spec.suspend."""
-    complete = _job_condition(seen.job, "Complete")
-    failed = _job_condition(seen.job, "Failed")
+    """Every condition type, in a fixed order, without timestamps. ``suspended`` is spec.suspend.
+
+    The Job's own terminal conditions count from their first sign (``SuccessCriteriaMet``,
+    ``FailureTarget``), so the end is reported once, not Running, Pending, then Succeeded.
+    """
+    # Kubernetes >= 1.31 sets SuccessCriteriaMet/FailureTarget before Complete/Failed, and the Job
+    # is bound to end that way once they are set.
+    complete = _job_condition(seen.job, "Complete", "SuccessCriteriaMet")
+    failed = _job_condition(seen.job, "Failed", "FailureTarget")
     pod = _newest_pod(seen.pods)
     pod_phase = ((pod or {}).get("status") or {}).get("phase")
+    # The Job says whether it is held (by spec.suspend, or by its queue); before it exists, the spec.
+    job_suspended = bool((seen.job.get("spec") or {}).get("suspend")) if seen.job else suspended
 
     if seen.plan_error:
         feasible = _condition("Feasible", False, "PlanInvalid", seen.plan_error)
@@ -106,11 +138,18 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
         feasible = _condition("Feasible", True, "PlanRendered", "the training plan was rendered")
 
     conditions = [feasible]
-    conditions.append(
-        _condition("Suspended", True, "Suspended", "spec.suspend is true")
-        if suspended and not (complete or failed)
-        else _condition("Suspended", False, "NotSuspended", "")
-    )
+    if job_suspended and not (complete or failed or seen.plan_error):
+        if suspended:
+            held = _condition("Suspended", True, "Suspended", "spec.suspend is true")
+        elif seen.queued:
+            held = _condition("Suspended", True, "Queued", "the worker Job waits for admission by its queue")
+        else:
+            held = _condition(
+                "Suspended", True, "JobSuspended", "the worker Job was suspended by another client"
+            )
+        conditions.append(held)
+    else:
+        conditions.append(_condition("Suspended", False, "NotSuspended", ""))
 
     if failed or seen.plan_error:
         if seen.plan_error:
@@ -129,11 +168,17 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
         conditions.append(_condition("Failed", False, "Succeeded", ""))
         return conditions
 
-    if suspended:
-        running = _condition("Running", False, "Suspended", "")
+    if seen.conflict:
+        running = _condition("Running", False, "ChildConflict", seen.conflict)
+    elif job_suspended:
+        running = _condition("Running", False, conditions[-1]["reason"], "")
     elif pod_phase == "Running":
         phase = seen.progress.phase if seen.progress else "starting"
         running = _condition("Running", True, "Training", f"worker pod {pod['metadata']['name']} is {phase}")  # type: ignore[index]
+    elif _started(seen.pods) and pod_phase == "Succeeded":
+        running = _condition("Running", True, "Finishing", "the worker exited; the Job is completing")
+    elif _started(seen.pods):
+        running = _condition("Running", True, "Retrying", "a worker pod ended; the Job starts another")
     elif seen.job is None:
         running = _condition("Running", False, "Creating", "creating the worker Job")
     else:
@@ -142,6 +187,23 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
     conditions.append(_condition("Succeeded", False, "InProgress", ""))
     conditions.append(_condition("Failed", False, "InProgress", ""))
     return conditions
+
+
+def finished(status: dict[str, Any] | None) -> bool:
+    """Whether a status records the end of the run (Succeeded or Failed True): then no worker Job is
+    ever created again for the object."""
+    return any(
+        c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
+        for c in (status or {}).get("conditions") or []
+    )
+
+
+def training(status: dict[str, Any] | None) -> bool:
+    """Whether a worker pod is running, so live progress is worth polling."""
+    return any(
+        c.get("type") == "Running" and c.get("status") == "True" and c.get("reason") == "Training"
+        for c in (status or {}).get("conditions") or []
+    )
 
 
 def merge_conditions(
@@ -239,21 +301,31 @@ def desired_status(
 ) -> dict[str, Any]:
     """The complete status to write for an object at ``generation`` with spec.suspend ``suspended``."""
     previous = previous or {}
-    conditions = merge_conditions(
-        previous.get("conditions") or [], desired_conditions(suspended, seen), generation, now
-    )
+    desired = desired_conditions(suspended, seen)
+    ended = finished(previous) and not finished({"conditions": desired})
+    if ended:
+        # The end is remembered, not re-observed: the Job may be gone (TTL) and must not come back.
+        desired = [
+            {k: v for k, v in c.items() if k not in ("lastTransitionTime", "observedGeneration")}
+            for c in previous.get("conditions") or []
+        ]
+    conditions = merge_conditions(previous.get("conditions") or [], desired, generation, now)
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "phase": phase_of(conditions),
         "conditions": conditions,
     }
-    if seen.job is not None:
+    if seen.job is not None and not ended:
         status["jobName"] = seen.job["metadata"]["name"]
         job_status = seen.job.get("status") or {}
         if job_status.get("startTime"):
             status["startTime"] = job_status["startTime"]
         if job_status.get("completionTime"):
             status["completionTime"] = job_status["completionTime"]
+    elif ended:
+        for key in ("jobName", "startTime", "completionTime"):
+            if previous.get(key):
+                status[key] = previous[key]
     if seen.progress is not None:
         status["progress"] = _progress_status(seen.progress)
     elif previous.get("progress"):

@@ -6,7 +6,12 @@ Aspects:
 - a failure's reason and message come from the worker's exit code and termination message;
 - lastTransitionTime is kept while a condition holds and observedGeneration is stamped;
 - live progress becomes status.progress with a kubectl-friendly summary; the result of a succeeded
-  worker becomes status.result.
+  worker becomes status.result;
+- phases only move forward through a whole run (Job created, pod pending, running, retried, worker
+  exited, SuccessCriteriaMet, Complete, Job deleted by its TTL): no Pending between Running and
+  Succeeded, and the end (with its result) outlives the Job;
+- whether the run is held follows the Job's spec.suspend (Kueue's, for a queued Job), and a child
+  owned by someone else is reported as ChildConflict.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from kubetune.worker.plan import ProgressReport
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
-def _job(*conditions: str, reason: str = "") -> dict[str, Any]:
+def _job(*conditions: str, reason: str = "", suspend: bool = False) -> dict[str, Any]:
     return {
         "metadata": {"name": "support-lora-train"},
-        "spec": {},
+        "spec": {"suspend": suspend},
         "status": {
             "startTime": "2026-11-23T11:00:00Z",
             "conditions": [{"type": c, "status": "True", "reason": reason} for c in conditions],
@@ -60,7 +65,8 @@ def test_stages_map_to_phases() -> None:
     assert _status(Observed(job=_job(), pods=[_pod("Pending")]))["phase"] == "Pending"
     running = _status(Observed(job=_job(), pods=[_pod("Running")]))
     assert running["phase"] == "Running" and _conditions(running)["Running"] == ("True", "Training")
-    assert _status(Observed(job=_job(), pods=[]), suspended=True)["phase"] == "Suspended"
+    assert _status(Observed(job=_job(suspend=True), pods=[]), suspended=True)["phase"] == "Suspended"
+    assert _status(Observed(job=None, pods=[]), suspended=True)["phase"] == "Suspended"
     done = _status(Observed(job=_job("Complete"), pods=[_pod("Succeeded", 0)]))
     assert done["phase"] == "Succeeded" and _conditions(done)["Succeeded"] == ("True", "ArtifactPublished")
     for result in (running, done):
@@ -149,3 +155,76 @@ def test_progress_and_result() -> None:
         "result"
     ]
     assert cleaned == {"uri": summary["uri"], "sha256": summary["sha256"], "metrics": {"loss": 1.0}}
+
+
+def _phases(observations: list[Observed], suspended: bool = False) -> list[str]:
+    previous: dict[str, Any] | None = None
+    phases = []
+    for index, seen in enumerate(observations):
+        previous = status.desired_status(1, suspended, seen, previous, NOW + timedelta(seconds=index))
+        phases.append(previous["phase"])
+    return phases
+
+
+def test_phases_never_go_backwards() -> None:
+    summary = {"uri": "pvc://adapters/x", "sha256": "ab" * 32, "format": "peft"}
+    preempted = _pod("Failed", 143, created="2026-11-23T11:00:01Z")
+    retry = _pod("Pending", created="2026-11-23T11:00:05Z")
+    exited = _pod("Succeeded", 0, json.dumps(summary), created="2026-11-23T11:00:05Z")
+    run = [
+        Observed(job=None, pods=[]),
+        Observed(job=_job(), pods=[]),
+        Observed(job=_job(), pods=[_pod("Pending")]),
+        Observed(job=_job(), pods=[_pod("Running")]),
+        Observed(job=_job(), pods=[preempted, retry]),  # a retry keeps the run Running
+        Observed(job=_job(), pods=[preempted, exited]),  # exited; the Job has not noticed yet
+        Observed(job=_job("SuccessCriteriaMet"), pods=[preempted, exited]),
+        Observed(job=_job("SuccessCriteriaMet", "Complete"), pods=[preempted, exited]),
+        Observed(job=None, pods=[]),  # ttlSecondsAfterFinished deleted the Job and its pods
+    ]
+    phases = _phases(run)
+    assert phases == ["Pending"] * 3 + ["Running"] * 3 + ["Succeeded"] * 3, phases
+
+    previous: dict[str, Any] | None = None
+    for seen in run:
+        previous = status.desired_status(1, False, seen, previous, NOW)
+    assert previous is not None and status.finished(previous)
+    assert previous["result"]["uri"] == summary["uri"] and previous["jobName"] == "support-lora-train"
+    # A later generation (spec.suspend flipped) keeps the end, stamped with the new generation.
+    again = status.desired_status(2, True, Observed(job=None, pods=[]), previous, NOW)
+    assert again["phase"] == "Succeeded" and _conditions(again)["Suspended"][0] == "False"
+    assert {c["observedGeneration"] for c in again["conditions"]} == {2}
+
+
+def test_failure_target_is_the_end() -> None:
+    pods = [_pod("Failed", 12, "DatasetInvalid: bad line")]
+    phases = _phases(
+        [Observed(job=_job(), pods=[_pod("Running")]), Observed(job=_job("FailureTarget"), pods=pods)]
+    )
+    assert phases == ["Running", "Failed"]
+
+
+def test_suspension_follows_the_job() -> None:
+    # Kueue holds a queued Job although spec.suspend is false...
+    queued = _status(Observed(job=_job(suspend=True), pods=[], queued=True))
+    assert queued["phase"] == "Suspended" and _conditions(queued)["Suspended"] == ("True", "Queued")
+    assert _conditions(queued)["Running"] == ("False", "Queued")
+    # ... and admits it although spec.suspend is true: the Job's state is what runs.
+    admitted = _status(Observed(job=_job(), pods=[_pod("Running")], queued=True), suspended=True)
+    assert admitted["phase"] == "Running"
+    other = _status(Observed(job=_job(suspend=True), pods=[]))
+    assert _conditions(other)["Suspended"] == ("True", "JobSuspended")
+
+
+def test_child_conflict() -> None:
+    message = "Job x-train already exists and has no controller"
+    blocked = _status(Observed(job=None, pods=[], conflict=message))
+    assert blocked["phase"] == "Pending"
+    running = next(c for c in blocked["conditions"] if c["type"] == "Running")
+    assert (running["reason"], running["message"]) == ("ChildConflict", message)
+
+
+def test_training_means_a_running_worker() -> None:
+    assert status.training(_status(Observed(job=_job(), pods=[_pod("Running")])))
+    assert not status.training(_status(Observed(job=_job(), pods=[_pod("Pending")])))
+    assert not status.training(None) and not status.finished(None)
