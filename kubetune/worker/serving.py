@@ -1,45 +1,92 @@
 """The serving runtime: one base model, many adapters, an OpenAI-compatible API.
 
 ``ModelServer`` holds the base model once and the adapters loaded onto it. LoRA adapters (the common
-case, including QLoRA's) share a single PEFT wrapper over the base and are switched per request with
-``set_adapter``; adapters of other kinds (IA3, prefix, bottleneck, full) get their own model instance,
-a documented cost of this first runtime. Requests are served one at a time under a lock, which keeps
-adapter switching correct; batching across adapters is future work.
+case, including QLoRA's) share a single PEFT wrapper over the base, and requests for different LoRA
+adapters and the base run in one batch through PEFT's mixed-adapter inference (``adapter_names=``);
+DoRA adapters, which PEFT cannot mix, and adapters of other kinds (IA3, prefix, bottleneck, full,
+each with its own model instance, a documented cost of this runtime) batch per adapter. The batching
+itself lives in :mod:`kubetune.worker.batching`.
 
 Adapters are verified before they serve: the artifact's ``kubetune.json`` must be complete, every file
-must match its recorded sha256, and the adapter's base-model config hash must match the served base.
-Loading and unloading happen in the running server (hot swap), through the vLLM-compatible
-``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` endpoints or :meth:`ModelServer.load_adapter`.
+must match its recorded sha256, the manifest itself must match the sha256 the caller recorded (a
+FineTuneJob's ``status.result.sha256``) when one is given, and the adapter's base-model config hash
+must match the served base. Names follow Kubernetes' rules and paths must stay under the server's
+adapter roots.
+
+A bad adapter never takes the server down. Every adapter the server is asked to serve (declared at
+start-up or loaded over HTTP) has a state, ``Loading``, ``Loaded`` or ``Failed`` with a CamelCase
+reason and a message, reported by ``GET /v1/adapters``; a failed one is retried in the background
+with exponential backoff, and a load call for it during the backoff answers the recorded failure at
+once. The server is ready when every declared adapter has been tried once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
+import re
 import threading
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 logger = logging.getLogger("kubetune.serve")
 
+#: Adapter and route names: what Kubernetes allows in spec.adapters[].name, upper case too.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+#: PEFT's name for "no adapter" in a mixed batch.
+BASE_IN_MIXED_BATCH = "__base__"
+
+#: Backoff of background retries of a failed adapter, seconds: doubles from the first to the cap.
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+
 
 class ServingError(Exception):
-    """A request or adapter operation that cannot be done; ``status`` is the HTTP status."""
+    """A request or adapter operation that cannot be done.
 
-    status = 400
-    kind = "invalid_request_error"
+    ``status`` is the HTTP status, ``kind`` OpenAI's error ``type`` and ``code`` its ``code``.
+    """
+
+    status: int = 400
+    kind: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
 
 
 class UnknownModel(ServingError):
-    status, kind = 404, "model_not_found"
+    status, kind, code = 404, "model_not_found", "model_not_found"
 
 
-class AdapterInvalid(ServingError):
+class ModelNotReady(ServingError):
+    """A declared model that is not loaded (yet): 503, the client may retry."""
+
+    status, kind, code = 503, "service_unavailable", "model_not_ready"
+
+
+class AdapterLoadError(ServingError):
+    """An adapter that cannot be loaded; ``reason`` is the CamelCase reason reported in its state.
+
+    Reasons: ``InvalidName``, ``PathOutsideRoots``, ``InvalidUri``, ``DownloadFailed``,
+    ``MissingFiles``, ``HashMismatch``, ``BaseModelMismatch``, ``UnsupportedArtifact``, ``LoadError``.
+    """
+
     status, kind = 422, "adapter_invalid"
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = self.code = reason
+        self.retry_after = retry_after
+
+
+#: Kept for callers of the first runtime: every load failure is an AdapterLoadError now.
+AdapterInvalid = AdapterLoadError
 
 
 @dataclass
@@ -51,7 +98,39 @@ class LoadedAdapter:
     format: str
     shared: bool  # True: a named adapter on the shared LoRA wrapper; False: its own model instance
     instance: Any = None
+    mixable: bool = False  # True: may share a batch with other LoRA adapters (PEFT's adapter_names)
     loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class AdapterState:
+    """What the server knows of one adapter it was asked to serve."""
+
+    name: str
+    source: str
+    expected_sha256: str | None = None
+    declared: bool = False  # from the start-up plan or command line: counts for readiness
+    state: str = "Loading"  # Loading | Loaded | Failed
+    reason: str = ""
+    message: str = ""
+    attempts: int = 0
+    next_retry_at: float | None = None  # time.monotonic() of the next background retry
+    changed_at: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        retry = None if self.next_retry_at is None else max(0.0, self.next_retry_at - time.monotonic())
+        return {
+            "name": self.name,
+            "source": self.source,
+            "state": self.state,
+            "reason": self.reason,
+            "message": self.message,
+            "attempts": self.attempts,
+            "retry_in_seconds": None if retry is None else round(retry, 1),
+            "declared": self.declared,
+            "expected_sha256": self.expected_sha256,
+            "last_transition_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.changed_at)),
+        }
 
 
 @dataclass(frozen=True)
@@ -66,6 +145,15 @@ def _config_sha256(model_dir: Path) -> str | None:
     from kubetune.worker.engine import config_sha256
 
     return config_sha256(model_dir)
+
+
+def check_name(name: str, what: str = "adapter") -> None:
+    if not NAME_PATTERN.match(name):
+        raise AdapterLoadError(
+            "InvalidName",
+            f"{what} name {name!r}: use 1-63 letters, digits, '-', '_' or '.', starting and ending "
+            "with a letter or digit",
+        )
 
 
 def resolve_uri(
@@ -86,7 +174,8 @@ def resolve_uri(
             return path
         scheme, rest = split_uri(uri)
     except KubetuneError as exc:
-        raise AdapterInvalid(str(exc)) from exc
+        reason = "PathOutsideRoots" if "outside" in str(exc) or "'..'" in str(exc) else "InvalidUri"
+        raise AdapterLoadError(reason, str(exc)) from exc
     target = Path(cache_dir) / "artifacts" / scheme / rest / (revision or "default")
     try:
         if scheme == "hf":
@@ -107,7 +196,8 @@ def resolve_uri(
 
             fsspec.filesystem(scheme).get(uri.rstrip("/") + "/", str(target) + "/", recursive=True)
     except Exception as exc:
-        raise AdapterInvalid(f"{uri}: download failed: {type(exc).__name__}: {exc}") from exc
+        message = f"{uri}: download failed: {type(exc).__name__}: {exc}"
+        raise AdapterLoadError("DownloadFailed", message) from exc
     return target
 
 
@@ -115,8 +205,13 @@ def _manifest_sha256(directory: Path) -> str:
     return hashlib.sha256((directory / "kubetune.json").read_bytes()).hexdigest()
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 class ModelServer:
-    """A base model plus hot-swappable adapters. Thread-safe; generation is serialised."""
+    """A base model plus hot-swappable adapters. Thread-safe: generation runs on the batcher's thread
+    under ``model_lock``, which adapter loads and unloads take to change the model."""
 
     def __init__(
         self,
@@ -126,6 +221,7 @@ class ModelServer:
         seed: int = 0,
         pvc_mount_root: str = "/mnt/pvc",
         cache_dir: str = "/tmp/kubetune-cache",
+        adapter_roots: Sequence[str | Path] | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,60 +229,202 @@ class ModelServer:
         self.base_path = Path(base_path)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        # Batched generation of a decoder-only model pads on the left.
+        self.tokenizer.padding_side = "left"
         # transformers stubs type .to()/.generate() too narrowly for a model loaded by Auto*.
         self.base: Any = cast(Any, AutoModelForCausalLM.from_pretrained(self.base_path))
         self.base.to(self.device)
         self.base.eval()
         self.base_config_sha256 = _config_sha256(self.base_path)
         self.base_name = self.base_path.name
+        eos = self.base.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        self.max_positions = int(getattr(self.base.config, "max_position_embeddings", 0) or 0) or None
         self._lora_host: Any = None  # peft.PeftModel wrapping self.base, once a LoRA adapter is loaded
         self.adapters: dict[str, LoadedAdapter] = {}
+        self.states: dict[str, AdapterState] = {}
         self.routes: dict[str, Route] = {}
-        self._lock = threading.RLock()
+        # model_lock: held while generating and while an adapter is attached or detached.
+        self.model_lock = threading.RLock()
+        self._state_lock = threading.RLock()
+        self._name_locks: dict[str, threading.Lock] = {}
         self._rng = random.Random(seed)
         self._pvc_mount_root, self._cache_dir = pvc_mount_root, cache_dir
+        # None: any local path may be loaded (a developer's `kubetune serve --model`); a serving pod
+        # always has roots (its volume mounts and download cache).
+        self.adapter_roots = (
+            None if adapter_roots is None else [Path(r).resolve() for r in [*adapter_roots, cache_dir]]
+        )
+        self._retry_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def _verify(self, name: str, directory: Path) -> dict[str, Any]:
-        from kubetune.worker.artifact import read_manifest, verify_artifact
-
-        if not directory.is_dir():
-            raise AdapterInvalid(f"adapter {name}: {directory} does not exist")
-        manifest = read_manifest(directory)
-        if manifest is None:
-            raise AdapterInvalid(
-                f"adapter {name}: {directory} is not a complete kubetune artifact (no kubetune.json)"
-            )
-        problems = verify_artifact(directory)
-        if problems:
-            raise AdapterInvalid(f"adapter {name}: {problems[0]}")
-        base = manifest.get("base_model") or {}
-        if manifest.get("format") != "full" and base.get("config_sha256") != self.base_config_sha256:
-            raise AdapterInvalid(
-                f"adapter {name} was trained on {base.get('uri')} (config "
-                f"{str(base.get('config_sha256'))[:12]}), not on the served base "
-                f"(config {str(self.base_config_sha256)[:12]})"
-            )
-        return manifest
-
-    def load_adapter(self, name: str, source: str | Path) -> LoadedAdapter:
-        """Load (or replace) adapter ``name`` from an artifact directory or URI, while serving."""
-        from kubetune.worker.artifact import load_trained_model
-
-        if name == self.base_name or name in self.routes:
-            raise ServingError(f"adapter name {name!r} is already the base model or a route")
-        source = str(source)
+    def _locate(self, name: str, source: str) -> Path:
         directory = (
             resolve_uri(source, pvc_mount_root=self._pvc_mount_root, cache_dir=self._cache_dir)
             if "://" in source
             else Path(source)
         )
-        manifest = self._verify(name, directory)
+        if self.adapter_roots is not None:
+            resolved = directory.resolve()
+            if not any(_inside(resolved, root) for root in self.adapter_roots):
+                raise AdapterLoadError(
+                    "PathOutsideRoots",
+                    f"adapter {name}: {source} is outside the adapter roots "
+                    f"({', '.join(str(r) for r in self.adapter_roots)})",
+                )
+        return directory
+
+    def _verify(self, name: str, directory: Path, expected_sha256: str | None = None) -> dict[str, Any]:
+        from kubetune.worker.artifact import read_manifest, verify_artifact
+
+        if not directory.is_dir():
+            raise AdapterLoadError("MissingFiles", f"adapter {name}: {directory} does not exist")
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise AdapterLoadError(
+                "MissingFiles",
+                f"adapter {name}: {directory} is not a complete kubetune artifact (no kubetune.json)",
+            )
+        if expected_sha256 is not None and _manifest_sha256(directory) != expected_sha256.lower():
+            raise AdapterLoadError(
+                "HashMismatch",
+                f"adapter {name}: kubetune.json has sha256 {_manifest_sha256(directory)[:12]}, "
+                f"not the recorded {expected_sha256[:12]}",
+            )
+        root = directory.resolve()
+        for relative in manifest.get("files", {}):
+            if not _inside((directory / relative).resolve(), root):
+                raise AdapterLoadError(
+                    "PathOutsideRoots", f"adapter {name}: manifest file {relative!r} is outside the artifact"
+                )
+        problems = verify_artifact(directory)
+        if problems:
+            reason = "MissingFiles" if problems[0].endswith("missing") else "HashMismatch"
+            raise AdapterLoadError(reason, f"adapter {name}: {problems[0]}")
+        if manifest.get("format") not in ("peft", "bottleneck", "full"):
+            raise AdapterLoadError(
+                "UnsupportedArtifact", f"adapter {name}: unknown artifact format {manifest.get('format')!r}"
+            )
+        base = manifest.get("base_model") or {}
+        if manifest.get("format") != "full" and base.get("config_sha256") != self.base_config_sha256:
+            raise AdapterLoadError(
+                "BaseModelMismatch",
+                f"adapter {name} was trained on {base.get('uri')} (config "
+                f"{str(base.get('config_sha256'))[:12]}), not on the served base "
+                f"(config {str(self.base_config_sha256)[:12]})",
+            )
+        return manifest
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._state_lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def declare(self, name: str, source: str | Path, sha256: str | None = None) -> AdapterState:
+        """Record an adapter to serve from start-up, in state Loading; :meth:`load_declared` loads it."""
+        check_name(name)
+        with self._state_lock:
+            state = AdapterState(name, str(source), sha256, declared=True)
+            self.states[name] = state
+            return state
+
+    def load_declared(self) -> None:
+        """Try every declared adapter still waiting for its first attempt; failures are recorded."""
+        for state in list(self.states.values()):
+            if state.declared and state.attempts == 0:
+                # A failure is recorded in the state and retried in the background.
+                with contextlib.suppress(ServingError):
+                    self.load_adapter(state.name, state.source, sha256=state.expected_sha256)
+
+    def load_adapter(self, name: str, source: str | Path, *, sha256: str | None = None) -> LoadedAdapter:
+        """Load (or replace) adapter ``name`` from an artifact directory or URI, while serving.
+
+        Raises :class:`AdapterLoadError` (also recorded in the adapter's state, and retried in the
+        background after a backoff). A call for an adapter in backoff with the same source and hash
+        answers the recorded failure without trying again.
+        """
+        check_name(name)
+        if name == self.base_name or name in self.routes:
+            raise ServingError(f"adapter name {name!r} is already the base model or a route")
+        source = str(source)
+        with self._name_lock(name):
+            with self._state_lock:
+                previous = self.states.get(name)
+                loaded = self.adapters.get(name)
+                if loaded is not None and loaded.source == source and (sha256 in (None, loaded.sha256)):
+                    return loaded
+                if (
+                    previous is not None
+                    and previous.state == "Failed"
+                    and previous.source == source
+                    and previous.expected_sha256 == sha256
+                    and previous.next_retry_at is not None
+                    and time.monotonic() < previous.next_retry_at
+                ):
+                    raise AdapterLoadError(
+                        previous.reason,
+                        previous.message,
+                        retry_after=previous.next_retry_at - time.monotonic(),
+                    )
+                same = (
+                    previous is not None and previous.source == source and previous.expected_sha256 == sha256
+                )
+                state = previous if same and previous is not None else AdapterState(name, source, sha256)
+                if previous is not None and not same:
+                    state.declared = previous.declared
+                state.attempts += 1
+                if loaded is None:
+                    state.state, state.changed_at = "Loading", time.time()
+                self.states[name] = state
+            try:
+                result = self._load(name, source, sha256)
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, AdapterLoadError)
+                    else AdapterLoadError("LoadError", f"adapter {name}: {type(exc).__name__}: {exc}")
+                )
+                backoff = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (state.attempts - 1))
+                with self._state_lock:
+                    if self.states.get(name) is state:
+                        state.state, state.reason, state.message = "Failed", error.reason, str(error)
+                        state.next_retry_at = time.monotonic() + backoff
+                        state.changed_at = time.time()
+                logger.warning(
+                    "adapter %s failed to load (%s, attempt %d, retry in %.0f s): %s",
+                    name,
+                    error.reason,
+                    state.attempts,
+                    backoff,
+                    error,
+                )
+                error.retry_after = backoff
+                if error is exc:
+                    raise
+                raise error from exc
+            with self._state_lock:
+                state.state, state.reason, state.message = "Loaded", "", ""
+                state.next_retry_at, state.changed_at = None, time.time()
+            return result
+
+    def _load(self, name: str, source: str, sha256: str | None) -> LoadedAdapter:
+        from kubetune.worker.artifact import load_trained_model
+
+        directory = self._locate(name, source)
+        manifest = self._verify(name, directory, sha256)
         is_lora = manifest["format"] == "peft" and manifest["method"] in ("lora", "qlora")
-        with self._lock:
+        instance = None
+        if not is_lora:  # its own model: built outside the lock, requests keep flowing meanwhile
+            instance = load_trained_model(directory, self.base_path).to(self.device).eval()
+        with self.model_lock:
             if name in self.adapters:
-                self.unload_adapter(name)
+                self._detach(name)
             if is_lora:
                 if self._lora_host is None:
                     from peft import PeftModel
@@ -196,9 +434,10 @@ class ModelServer:
                     ).eval()
                 else:
                     self._lora_host.load_adapter(directory, adapter_name=name)
-                instance = None
+                config = self._lora_host.peft_config[name]
+                mixable = not getattr(config, "use_dora", False)
             else:
-                instance = load_trained_model(directory, self.base_path).to(self.device).eval()
+                mixable = False
             loaded = LoadedAdapter(
                 name=name,
                 source=source,
@@ -207,24 +446,64 @@ class ModelServer:
                 format=manifest["format"],
                 shared=is_lora,
                 instance=instance,
+                mixable=mixable,
             )
             self.adapters[name] = loaded
         logger.info("loaded adapter %s (%s) from %s", name, loaded.method, directory)
         return loaded
 
+    def _detach(self, name: str) -> None:
+        loaded = self.adapters.pop(name)
+        if loaded.shared:
+            self._lora_host.delete_adapter(name)
+
     def unload_adapter(self, name: str) -> None:
-        with self._lock:
-            loaded = self.adapters.pop(name, None)
-            if loaded is None:
-                raise UnknownModel(f"adapter {name!r} is not loaded")
-            if loaded.shared:
-                self._lora_host.delete_adapter(name)
-            for route in [r for r in self.routes.values() if any(a == name for a, _ in r.backends)]:
-                logger.warning("route %s now names an unloaded adapter %s", route.name, name)
+        """Stop serving ``name`` (loaded or failed); it is no longer retried."""
+        with self._name_lock(name):  # after a load of the same name in flight
+            with self._state_lock:
+                state = self.states.pop(name, None)
+            with self.model_lock:
+                if name in self.adapters:
+                    self._detach(name)
+                elif state is None:
+                    raise UnknownModel(f"adapter {name!r} is not loaded")
+        for route in [r for r in self.routes.values() if any(a == name for a, _ in r.backends)]:
+            logger.warning("route %s now names an unloaded adapter %s", route.name, name)
         logger.info("unloaded adapter %s", name)
 
+    def retry_due(self) -> None:
+        """Retry every failed adapter whose backoff has passed (called by the retry thread)."""
+        now = time.monotonic()
+        for state in list(self.states.values()):
+            if state.state == "Failed" and state.next_retry_at is not None and state.next_retry_at <= now:
+                state.next_retry_at = None  # so a concurrent load call does not answer from backoff
+                with contextlib.suppress(ServingError):
+                    self.load_adapter(state.name, state.source, sha256=state.expected_sha256)
+
+    def start_background(self, interval_s: float = 1.0) -> None:
+        """Load the declared adapters, then retry failed ones, on a daemon thread."""
+
+        def loop() -> None:
+            self.load_declared()
+            while not self._stopping.wait(interval_s):
+                self.retry_due()
+
+        self._retry_thread = threading.Thread(target=loop, name="kubetune-adapters", daemon=True)
+        self._retry_thread.start()
+
+    def stop_background(self) -> None:
+        self._stopping.set()
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """(ready, names still waiting for their first load attempt): Failed adapters do not block."""
+        waiting = [s.name for s in self.states.values() if s.declared and s.state == "Loading"]
+        return not waiting, waiting
+
+    # -- routes --------------------------------------------------------------------------------
+
     def set_route(self, name: str, backends: list[tuple[str, int]]) -> None:
-        if name == self.base_name or name in self.adapters:
+        check_name(name, "route")
+        if name == self.base_name or name in self.adapters or name in self.states:
             raise ServingError(f"route name {name!r} is already the base model or an adapter")
         if not backends or any(weight <= 0 for _, weight in backends):
             raise ServingError(f"route {name}: backends need positive weights")
@@ -232,7 +511,7 @@ class ModelServer:
 
     def replace_routes(self, routes: dict[str, list[tuple[str, int]]]) -> None:
         """Swap the whole route table at once (what the operator sends on every change)."""
-        with self._lock:
+        with self._state_lock:
             previous, self.routes = self.routes, {}
             try:
                 for name, backends in routes.items():
@@ -245,13 +524,23 @@ class ModelServer:
         return [self.base_name, *self.adapters, *self.routes]
 
     def resolve(self, model: str) -> str:
-        """The adapter (or base) name a request for ``model`` is served by."""
+        """The adapter (or base) name a request for ``model`` is served by.
+
+        A route picks a backend by weight among its loaded backends, so a failed canary leaves
+        the stable adapter serving; 503 when none is loaded.
+        """
         route = self.routes.get(model)
         if route is not None:
-            names = [a for a, _ in route.backends]
-            return self._rng.choices(names, weights=[w for _, w in route.backends])[0]
+            live = [(a, w) for a, w in route.backends if a in self.adapters]
+            if not live:
+                raise ModelNotReady(f"route {model!r}: none of its adapters is loaded")
+            return self._rng.choices([a for a, _ in live], weights=[w for _, w in live])[0]
         if model == self.base_name or model in self.adapters:
             return model
+        state = self.states.get(model)
+        if state is not None:
+            detail = f": {state.reason}: {state.message}" if state.state == "Failed" else ""
+            raise ModelNotReady(f"model {model!r} is {state.state}{detail}")
         raise UnknownModel(f"model {model!r} is not served here (served: {', '.join(self.model_names())})")
 
     # -- generation ----------------------------------------------------------------------------
@@ -260,61 +549,82 @@ class ModelServer:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(text)
 
-    def generate(
-        self,
-        model: str,
-        prompt: str,
-        *,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-    ) -> dict[str, Any]:
-        """Complete ``prompt`` with ``model``; returns text, served adapter, token counts, finish reason."""
-        import torch
+    def encode(self, prompt: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
 
-        served = self.resolve(model)
-        encoded = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        prompt_tokens = int(encoded["input_ids"].shape[1])
-        sampling = temperature > 0
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def batch_group(self, adapter: str) -> Hashable:
+        """Which ``generate`` call can serve ``adapter``: LoRA adapters that PEFT can mix and the base
+        share one; any other adapter has its own. Raises :class:`UnknownModel` if it was unloaded."""
+        if adapter == self.base_name:
+            return "lora" if self._lora_host is not None else "base"
+        loaded = self.adapters.get(adapter)
+        if loaded is None:
+            raise UnknownModel(f"adapter {adapter!r} was unloaded")
+        return "lora" if loaded.mixable else ("adapter", adapter)
+
+    def generate_rows(
+        self,
+        group: Hashable,
+        *,
+        adapters: list[str],
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        logits_processor: Any,
+        stopping_criteria: Any,
+    ) -> None:
+        """One batched ``generate`` over ``prompts`` (left-padded), row ``i`` served by ``adapters[i]``.
+
+        Results reach the caller through ``stopping_criteria`` (which sees every token); the output
+        tensor itself is not needed.
+        """
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[i, width - len(prompt) :] = 1
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_tokens,
-            "do_sample": sampling,
-            "pad_token_id": self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "max_new_tokens": max_new_tokens,
+            # Sampling happens per row in the logits processor; generate takes its argmax.
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "pad_token_id": self.pad_id,
+            "logits_processor": LogitsProcessorList([logits_processor]),
+            "stopping_criteria": StoppingCriteriaList([stopping_criteria]),
         }
-        if sampling:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        with self._lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            loaded = self.adapters.get(served)
-            if loaded is None:  # the base model
-                if self._lora_host is not None:
+        with self.model_lock, torch.inference_mode():
+            for name in set(adapters):
+                self.batch_group(name)  # an adapter unloaded since the batch was formed: 404
+            if group == "base":
+                self.base.generate(**kwargs)
+            elif group == "lora":
+                names = [BASE_IN_MIXED_BATCH if a == self.base_name else a for a in adapters]
+                if set(names) == {BASE_IN_MIXED_BATCH}:
                     with self._lora_host.disable_adapter():
-                        output = self._lora_host.generate(**encoded, **kwargs)
+                        self._lora_host.generate(**kwargs)
+                elif len(set(names)) == 1:
+                    # One adapter: a plain forward, cheaper than the mixed batch's per-adapter masks.
+                    self._lora_host.set_adapter(names[0])
+                    self._lora_host.generate(**kwargs)
                 else:
-                    output = self.base.generate(**encoded, **kwargs)
-            elif loaded.shared:
-                self._lora_host.set_adapter(served)
-                output = self._lora_host.generate(**encoded, **kwargs)
+                    self._lora_host.generate(**kwargs, adapter_names=names)
             else:
-                output = loaded.instance.generate(**encoded, **kwargs)
-        new_tokens = output[0][prompt_tokens:]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        finish = "length" if len(new_tokens) >= max_tokens else "stop"
-        for marker in stop or []:
-            if marker and marker in text:
-                text, finish = text[: text.index(marker)], "stop"
-        return {
-            "text": text,
-            "served_by": served,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(new_tokens),
-            "finish_reason": finish,
-        }
+                loaded = self.adapters[adapters[0]]
+                if loaded.shared:  # a LoRA adapter PEFT cannot mix (DoRA)
+                    self._lora_host.set_adapter(loaded.name)
+                    self._lora_host.generate(**kwargs)
+                else:
+                    loaded.instance.generate(**kwargs)
 
 
 def parse_route(text: str) -> tuple[str, list[tuple[str, int]]]:
@@ -330,7 +640,13 @@ def parse_route(text: str) -> tuple[str, list[tuple[str, int]]]:
 
 
 def describe(server: ModelServer) -> dict[str, Any]:
-    """What ``GET /v1/adapters`` returns: the adapters, their sources and manifest hashes."""
+    """What ``GET /v1/adapters`` returns.
+
+    ``adapters``: the loaded adapters (state ``Loaded``), as before; ``states``: every adapter the
+    server was asked to serve, with ``state`` Loading/Loaded/Failed, ``reason``, ``message``,
+    ``attempts`` and ``retry_in_seconds``; ``ready``: what ``/ready`` answers.
+    """
+    ready, waiting = server.ready()
     return {
         "base": {
             "name": server.base_name,
@@ -347,12 +663,15 @@ def describe(server: ModelServer) -> dict[str, Any]:
                 "shared_base": a.shared,
                 "state": "Loaded",
             }
-            for a in server.adapters.values()
+            for a in list(server.adapters.values())
         ],
+        "states": [s.describe() for s in list(server.states.values())],
         "routes": [
             {"name": r.name, "backends": [{"adapter": a, "weight": w} for a, w in r.backends]}
-            for r in server.routes.values()
+            for r in list(server.routes.values())
         ],
+        "ready": ready,
+        "waiting": waiting,
     }
 
 

@@ -18,6 +18,12 @@ class _Model(BaseModel):
 class AdapterEntry(_Model):
     name: str = Field(description="Name clients send as the OpenAI `model`.")
     uri: str = Field(description="Artifact URI: file://, pvc:// (under pvc_mount_root), s3:// or hf://.")
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="Recorded sha256 of the artifact's kubetune.json (a FineTuneJob's status.result.sha256); "
+        "the server refuses an artifact that does not match it.",
+    )
 
 
 class RouteBackend(_Model):
@@ -42,3 +48,8 @@ class ServingPlan(_Model):
     routes: list[RouteEntry] = Field(default_factory=list)
     pvc_mount_root: str = Field(default="/mnt/pvc", description="Where pvc://claim/path is mounted.")
     cache_dir: str = Field(default="/tmp/kubetune-cache", description="Download cache for hf:// and s3://.")
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories adapters may be loaded from, besides pvc_mount_root and cache_dir "
+        "(e.g. a file:// location baked into the image).",
+    )

@@ -7,130 +7,34 @@ Aspects:
 - a weighted route spreads requests over its backends;
 - hot swap: an adapter is loaded and unloaded in the running server, and a removed one answers 404
   in OpenAI's error shape;
-- an artifact with a tampered file or without a manifest is refused with a reason.
+- an artifact with a tampered file or without a manifest is refused with a reason, recorded as the
+  adapter's Failed state (answered again from the record during its backoff), while the good
+  adapters keep serving.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.serving.conftest import PROMPT, ServeFactory
+from tests.serving.conftest import direct as _direct
+
 pytestmark = pytest.mark.torch
 
-PROMPT = "encode : c a t"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _train(model: Path, data: Path, output: Path, method: dict[str, Any]) -> Path:
-    from kubetune.worker.engine import train
-    from kubetune.worker.plan import TrainingPlan
-
-    plan = TrainingPlan.model_validate(
-        {
-            "name": output.name,
-            "model": {"uri": str(model)},
-            "dataset": {"uri": str(data), "eval_fraction": 0.1},
-            "method": method,
-            "training": {
-                "max_steps": 12,
-                "learning_rate": 2e-2,
-                "warmup_ratio": 0.0,
-                "batch_size": 8,
-                "max_seq_length": 64,
-                "gradient_checkpointing": False,
-                "checkpoint_every_steps": 0,
-            },
-            "output": {"uri": str(output)},
-            "progress": {"port": 0, "termination_message_path": str(output.parent / f"{output.name}.msg")},
-        }
-    )
-    train(plan)
-    return output
-
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    import torch
-
-    from kubetune.worker.testing import make_tiny_model, task_records, write_records
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("serving")
-    model = make_tiny_model(root / "tiny")
-    data = write_records(root / "train.jsonl", task_records(120, fmt="completion"))
-    return {
-        "base": model,
-        "lora-a": _train(model, data, root / "lora-a", {"type": "lora", "lora": {"rank": 4}}),
-        "lora-b": _train(model, data, root / "lora-b", {"type": "lora", "lora": {"rank": 8}}),
-        "ia3": _train(model, data, root / "ia3", {"type": "ia3"}),
-    }
-
-
-@pytest.fixture(scope="module")
-def server(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    command = [
-        sys.executable, "-m", "kubetune", "serve",
+def server(artifacts: dict[str, Path], serve: ServeFactory) -> str:
+    return serve(
         "--model", str(artifacts["base"]), "--served-model-name", "tiny",
         "--adapter", f"lora-a={artifacts['lora-a']}", "--adapter", f"ia3={artifacts['ia3']}",
         "--route", "canary=lora-a:1,ia3:1",
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning",
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    url = f"http://127.0.0.1:{port}"
-    from kubetune.localcluster.testing import wait_for
-
-    try:
-        wait_for(
-            lambda: proc.poll() is None and httpx.get(f"{url}/health", timeout=1).status_code == 200,
-            120,
-            interval=0.5,
-            ignore=(httpx.HTTPError,),
-            description=lambda: f"the server to be ready; log:\n{log.read_text()[-3000:]}",
-        )
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-
-
-def _direct(artifact: Path | None, base: Path, prompt: str, tokens: int) -> str:
-    """Greedy text from the artifact (or the base) loaded in this process, the reference."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kubetune.worker.artifact import load_trained_model
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = (
-        load_trained_model(artifact, base) if artifact else AutoModelForCausalLM.from_pretrained(base).eval()
-    )
-    encoded = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(
-            **encoded, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return str(tokenizer.decode(out[0][encoded["input_ids"].shape[1] :], skip_special_tokens=True))
+    )  # fmt: skip
 
 
 def _complete(url: str, model: str, **extra: Any) -> httpx.Response:
@@ -211,8 +115,23 @@ def test_hot_swap_and_errors(server: str, artifacts: dict[str, Path], tmp_path: 
         f"{server}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tampered)}
     )
     assert refused.status_code == 422 and "sha256" in json.dumps(refused.json()), refused.text
-    (tampered / "kubetune.json").unlink()
-    refused = httpx.post(
+    assert refused.json()["error"]["code"] == "HashMismatch"
+    # Asked again during its backoff, the server answers the recorded failure without retrying.
+    again = httpx.post(
         f"{server}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(tampered)}
     )
+    assert again.status_code == 422 and again.json()["error"]["code"] == "HashMismatch"
+    assert int(again.headers["retry-after"]) >= 1
+    (tampered / "kubetune.json").unlink()
+    refused = httpx.post(
+        f"{server}/v1/load_lora_adapter", json={"lora_name": "bad-2", "lora_path": str(tampered)}
+    )
     assert refused.status_code == 422 and "kubetune.json" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["code"] == "MissingFiles"
+    # Failed adapters are reported, never served, and never take the good ones down.
+    states = {s["name"]: s for s in httpx.get(f"{server}/v1/adapters").json()["states"]}
+    assert states["bad"]["state"] == "Failed" and states["bad"]["reason"] == "HashMismatch"
+    assert states["lora-a"]["state"] == "Loaded"
+    assert _complete(server, "bad").status_code == 503
+    assert _complete(server, "lora-a").status_code == 200
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "bad"}).status_code == 200
