@@ -24,6 +24,116 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{- define "kubetune.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{/* An image reference from {repository, tag}; the tag defaults to the chart's appVersion. */}}
+{{- define "kubetune.imageRef" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- define "kubetune.operatorImage" -}}
+{{- include "kubetune.imageRef" (dict "image" .Values.operator.image "root" .) -}}
+{{- end -}}
+
+{{- define "kubetune.workerImage" -}}
+{{- include "kubetune.imageRef" (dict "image" .Values.worker.image "root" .) -}}
+{{- end -}}
+
+{{- define "kubetune.serverImage" -}}
+{{- if .Values.server.image.repository -}}
+{{- include "kubetune.imageRef" (dict "image" .Values.server.image "root" .) -}}
+{{- else -}}
+{{- include "kubetune.workerImage" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The ServiceAccount the operator names in worker (or server) pods, or "" for the namespace's default:
+the chart's own account exists only in the listed namespaces.
+Call with (dict "account" .Values.worker.serviceAccount "suffix" "worker" "root" .).
+*/}}
+{{- define "kubetune.podServiceAccount" -}}
+{{- if and .account.create .root.Values.operator.watchNamespaces -}}
+{{- default (printf "%s-%s" (include "kubetune.name" .root) .suffix) .account.name -}}
+{{- else if not .account.create -}}
+{{- .account.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Checks of combinations the schema cannot express with a useful message. */}}
+{{- define "kubetune.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.operator.peering) -}}
+{{- fail "replicaCount > 1 needs operator.peering: standalone replicas would all handle the same objects" -}}
+{{- end -}}
+{{- if and .Values.rbac.namespaced (not .Values.operator.watchNamespaces) -}}
+{{- fail "rbac.namespaced needs operator.watchNamespaces: the namespaces to grant the operator access in" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the operator does inside a watched namespace, verb by verb (checked against the API calls in
+kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with rbac.namespaced.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# kopf lists and watches the kubetune objects and patches their annotations (handler progress);
+# the reconcilers read them (an AdapterDeployment reads the FineTuneJobs it serves).
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs, adapterdeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs/status, adapterdeployments/status]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion, which clusters enforcing
+# OwnerReferencesPermissionEnforcement allow only to whoever may update the owner's finalizers.
+- apiGroups: [kubetune.dev]
+  resources: [finetunejobs/finalizers, adapterdeployments/finalizers]
+  verbs: [update]
+# A FineTuneJob's worker Job (kopf watches it; the reconciler reads, creates and (un)suspends it)
+# and its plan ConfigMap (created once).
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch]
+# An AdapterDeployment's Deployment (read, created, patched), its serving-plan ConfigMap (replaced
+# when adapters change) and its Service (created once).
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, update]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create]
+# Worker and serving pods: kopf watches them, the reconcilers list them (ready pods are then called
+# over HTTP, which needs no RBAC).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# kopf posts warnings and errors as core/v1 Events.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if and .Values.operator.peering .Values.operator.watchNamespaces }}
+# kopf peering of an operator limited to namespaces: a KopfPeering in each.
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end -}}
+
+{{/* What kopf observes cluster-wide, whatever the operator's scope. */}}
+{{- define "kubetune.clusterRules" -}}
+# kopf notices CustomResourceDefinitions appearing and disappearing.
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.operator.watchNamespaces }}
+# kopf limited to namespaces follows them being created and deleted.
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- else if .Values.operator.peering }}
+# kopf peering of a cluster-wide operator: a ClusterKopfPeering.
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
 {{- end -}}
