@@ -80,8 +80,11 @@ class GenerationRequest:
     def emit(self, *event: Any) -> None:
         if self.loop is None:
             self.events.put_nowait(event)
-        else:
+            return
+        try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
 
     def cancel(self) -> None:
         """The client went away: its rows stop at the next token."""
