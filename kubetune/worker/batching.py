@@ -208,8 +208,8 @@ class Batcher:
 
     ``max_batch_size``: sequences (choices) per ``generate`` call, default 16. ``max_queue``: requests
     waiting beyond the running batch before :class:`QueueFull` (429), default 256. ``max_wait_s``:
-    how long a batch waits for company, default 5 ms, and only while the previous batch was shared
-    (a lone client pays no wait).
+    how long a batch may wait for as many sequences as the previous batch had, default 10 ms (a
+    lone client pays no wait; clients that come back together are served together).
     """
 
     def __init__(
@@ -218,7 +218,7 @@ class Batcher:
         *,
         max_batch_size: int = 16,
         max_queue: int = 256,
-        max_wait_s: float = 0.005,
+        max_wait_s: float = 0.010,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -277,9 +277,12 @@ class Batcher:
                 self._cond.wait()
             if not self._running:
                 return []
-            if self._last_batch_rows > 1 and self.max_wait_s > 0:
+            # Wait for as many sequences as the previous batch had (closed-loop clients come back
+            # together), never longer than max_wait_s; a lone client never waits.
+            target = min(self.max_batch_size, self._last_batch_rows)
+            if target > 1 and self.max_wait_s > 0:
                 deadline = time.monotonic() + self.max_wait_s
-                while self._running and sum(r.n for r in self._queue) < self.max_batch_size:
+                while self._running and sum(r.n for r in self._queue) < target:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

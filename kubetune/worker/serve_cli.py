@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=5.0,
-        help="how long a batch waits for more requests while the server is busy (default 5 ms)",
+        default=10.0,
+        help="how long a batch may wait for as many requests as the previous batch had (default 10 ms)",
     )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
