@@ -223,6 +223,12 @@ def test_images_pull_secrets_and_accounts_reach_the_operator(helm: Path) -> None
     assert set(accounts) == {(NAMESPACE, "kt-operator"), ("team-a", "kt-worker"), ("team-a", "kt-server")}
     assert accounts[("team-a", "kt-worker")]["automountServiceAccountToken"] is False
     assert accounts[("team-a", "kt-server")]["automountServiceAccountToken"] is False
+    # Each empty server field is the worker's: a CUDA server beside CPU workers is one tag.
+    args = parse_operator_args(render(helm, "--set", "server.image.tag=0.1.0-cuda"))
+    assert (args.worker_image, args.server_image) == (
+        "ghcr.io/kubetune/worker:0.1.0",
+        "ghcr.io/kubetune/worker:0.1.0-cuda",
+    )
     # An account of the user's own: named, not created.
     objects = render(
         helm,

@@ -37,12 +37,10 @@ app.kubernetes.io/component: operator
 {{- include "kubetune.imageRef" (dict "image" .Values.worker.image "root" .) -}}
 {{- end -}}
 
+{{/* Each empty field of server.image is the worker's. */}}
 {{- define "kubetune.serverImage" -}}
-{{- if .Values.server.image.repository -}}
-{{- include "kubetune.imageRef" (dict "image" .Values.server.image "root" .) -}}
-{{- else -}}
-{{- include "kubetune.workerImage" . -}}
-{{- end -}}
+{{- $image := dict "repository" (default .Values.worker.image.repository .Values.server.image.repository) "tag" (default .Values.worker.image.tag .Values.server.image.tag) -}}
+{{- include "kubetune.imageRef" (dict "image" $image "root" .) -}}
 {{- end -}}
 
 {{/*
