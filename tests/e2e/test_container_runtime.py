@@ -8,7 +8,8 @@ Aspects:
 - exceeding the memory limit ends in OOMKilled with exit code 137;
 - a missing image waits with kubelet's reason and message (ErrImageNeverPull; ErrImagePull then
   ImagePullBackOff), never hangs or falls back to the host;
-- runAsNonRoot refuses an image that would run as root (CreateContainerConfigError).
+- runAsNonRoot refuses an image that would run as root (CreateContainerConfigError);
+- a command the image lacks is a StartError (exit code 128), with runc's words.
 """
 
 from __future__ import annotations
@@ -170,3 +171,12 @@ def test_run_as_non_root_refuses_a_root_image(
     _create(cluster, namespace, _pod("rooty", base_image, ["true"], securityContext={"runAsNonRoot": True}))
     waiting = _waiting(cluster, namespace, "rooty", "CreateContainerConfigError")
     assert "runAsNonRoot and image will run as root" in waiting["message"]
+
+
+def test_a_command_missing_from_the_image_is_a_start_error(
+    cluster: ClusterHandle, namespace: str, base_image: str
+) -> None:
+    _create(cluster, namespace, _pod("nocmd", base_image, ["/no/such/binary"]))
+    terminated = _terminated(cluster, namespace, "nocmd")
+    assert (terminated["reason"], terminated["exitCode"]) == ("StartError", 128), terminated
+    assert "/no/such/binary" in terminated["message"]

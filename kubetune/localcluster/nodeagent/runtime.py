@@ -454,13 +454,11 @@ class PodmanRuntime:
                 state = json.loads(inspected.stdout)[0]["State"]
         self._podman("rm", "--force", "--ignore", run.id)
         self._remove_cgroup(run)
-        if not state:
-            # podman refused before a container existed (bad mount, bad option): its own words.
-            code = _exit_of(proc.returncode)
-            return Exit(code or 128, "StartError", _tail(run.log_path))
+        if not state or state.get("Status") == "created" or state.get("Error"):
+            # Never ran: podman refused before a container existed (bad mount, bad option) or
+            # runc could not exec the command. kubelet says StartError with exit code 128.
+            return Exit(128, "StartError", str(state.get("Error") or "") or _tail(run.log_path))
         code = int(state.get("ExitCode", _exit_of(proc.returncode)))
-        if state.get("Error"):
-            return Exit(code or 128, "StartError", str(state["Error"]))
         if oom or state.get("OOMKilled"):
             return Exit(code or 137, "OOMKilled")
         return Exit(code, "Completed" if code == 0 else "Error")
