@@ -258,7 +258,13 @@ class PodmanRuntime:
     @property
     def version(self) -> str:
         if not self._version:
-            proc = self._podman("version", "--format", "{{.Client.Version}}", timeout=30)
+            try:
+                proc = self._podman("version", "--format", "{{.Client.Version}}")
+            except subprocess.TimeoutExpired:
+                # podman waits for its store's lock while an image build commits a layer; the
+                # version is only reported, so the node registers without it rather than fail.
+                log.warning("podman version timed out; reporting the runtime version as unknown")
+                return "podman://unknown"
             if proc.returncode != 0:
                 raise RuntimeError(f"podman is not usable: {proc.stderr.strip()}")
             self._version = f"podman://{proc.stdout.strip()}"
