@@ -107,6 +107,7 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> _Request:
@@ -124,6 +125,7 @@ class _Request(BaseModel):
             top_p=self.top_p,
             stop=tuple(s for s in self.stops() if s),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -238,6 +240,23 @@ def create_app(
     )
     queue_depth = Gauge("kubetune_serve_queue_depth", "Requests waiting for a batch", registry=registry)
     queue_depth.set_function(lambda: batcher.queued)
+    batch_size = Histogram(
+        "kubetune_serve_batch_size",
+        "Sequences per batched generate call",
+        ["group"],
+        buckets=(1, 2, 4, 8, 16, 32, 64),
+        registry=registry,
+    )
+    batch_seconds = Histogram(
+        "kubetune_serve_batch_seconds", "Duration of batched generate calls", ["group"], registry=registry
+    )
+
+    def observe_batch(rows: int, seconds: float, group: Any) -> None:
+        label = group if isinstance(group, str) else "per-adapter"
+        batch_size.labels(label).observe(rows)
+        batch_seconds.labels(label).observe(seconds)
+
+    batcher.observer = observe_batch
     adapters_failed = Gauge("kubetune_serve_adapters_failed", "Adapters in state Failed", registry=registry)
     adapters_failed.set_function(lambda: sum(s.state == "Failed" for s in list(server.states.values())))
 

@@ -56,6 +56,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (for benchmarks)
 
 
 @dataclass(eq=False)
@@ -173,8 +174,11 @@ def _row_tracker(rows: list[_Row], eos_ids: frozenset[int]) -> Any:
     return _RowTracker()
 
 
-def _row_sampler(rows: list[_Row]) -> Any:
+def _row_sampler(rows: list[_Row], eos_ids: frozenset[int]) -> Any:
     from transformers import LogitsProcessor
+
+    no_eos = [i for i, row in enumerate(rows) if row.request.params.ignore_eos]
+    eos = sorted(eos_ids)
 
     class _RowSampler(LogitsProcessor):
         """Samples each non-greedy row with its own settings and generator; generate then takes the
@@ -183,6 +187,8 @@ def _row_sampler(rows: list[_Row]) -> Any:
         def __call__(self, input_ids: Any, scores: Any) -> Any:
             import torch
 
+            if no_eos and eos:
+                scores[torch.tensor(no_eos)[:, None], torch.tensor(eos)[None, :]] = float("-inf")
             for i, row in enumerate(rows):
                 params = row.request.params
                 if row.generator is None or row.finished:
@@ -231,6 +237,8 @@ class Batcher:
         self._last_batch_rows = 0
         self.batches = 0  # generate calls made, for metrics and tests
         self.batch_sizes: collections.Counter[int] = collections.Counter()
+        #: Called after every generate with (sequences, seconds, group), e.g. to feed metrics.
+        self.observer: Callable[[int, float, Hashable], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -319,13 +327,14 @@ class Batcher:
     def _run(self, key: Hashable, requests: list[GenerationRequest]) -> None:
         server = self.server
         rows = [_Row(r, i, server.decode) for r in requests for i in range(r.n)]
+        started = time.monotonic()
         try:
             server.generate_rows(
                 key,
                 adapters=[row.request.adapter for row in rows],
                 prompts=[row.request.prompt_ids for row in rows],
                 max_new_tokens=max(row.request.params.max_tokens for row in rows),
-                logits_processor=_row_sampler(rows),
+                logits_processor=_row_sampler(rows, server.eos_ids),
                 stopping_criteria=_row_tracker(rows, server.eos_ids),
             )
         except ServingError as exc:
@@ -342,6 +351,8 @@ class Batcher:
         finally:
             self.batches += 1
             self.batch_sizes[len(rows)] += 1
+            if self.observer is not None:
+                self.observer(len(rows), time.monotonic() - started, key)
         for row in rows:
             if not row.finished:  # generate hit its own limit first
                 row._finish("length")

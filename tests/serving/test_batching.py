@@ -1,10 +1,11 @@
 """Dynamic batching in the serving runtime, in process (no HTTP).
 
 Aspects:
-- requests for different LoRA adapters and the base, queued together, run as one mixed-adapter
-  batch, and each gets the greedy text it gets alone; an IA3 adapter batches on its own;
+- requests for different LoRA adapters (ranks 4 and 8) and the base, queued together, run as one
+  mixed-adapter batch (stacked LoRA weights), and each gets the greedy text it gets alone; an IA3
+  adapter batches on its own;
 - per-row settings inside one batch: max_tokens, stop sequences, seeded sampling (the same seed
-  gives the same text whatever the batch), n choices;
+  gives the same text whatever the batch), n choices, ignore_eos;
 - streamed deltas add up to the final text;
 - a full queue refuses with 429 (QueueFull) and a stopped batcher with 503 (NotReady);
 - an adapter's state: a failure keeps its reason and backs off, a due retry loads it.
@@ -74,17 +75,18 @@ async def _results(batcher: Any, requests: list[Any], *, hold: Any = None) -> li
         texts: dict[int, str] = {}
         deltas: dict[int, str] = {}
         reasons: dict[int, str] = {}
+        tokens: dict[int, int] = {}
         while True:
             event = await asyncio.wait_for(request.events.get(), 120)
             if event[0] == "delta":
                 deltas[event[1]] = deltas.get(event[1], "") + event[2]
             elif event[0] == "finish":
-                reasons[event[1]], texts[event[1]] = event[2], event[4]
+                reasons[event[1]], tokens[event[1]], texts[event[1]] = event[2], event[3], event[4]
             elif event[0] == "error":
                 raise event[1]
             else:
                 break
-        out.append({"texts": texts, "deltas": deltas, "reasons": reasons})
+        out.append({"texts": texts, "deltas": deltas, "reasons": reasons, "tokens": tokens})
     return out
 
 
@@ -103,6 +105,9 @@ def test_mixed_adapters_share_one_batch(model_server: Any, batcher: Any) -> None
     # Queued at once, the four requests ran as one batch of four.
     assert batcher.batch_sizes[4] == sizes_before.get(4, 0) + 1
     assert len(set(alone[:3])) > 1, "the adapters should not all answer alike"
+    # The mixed batch went through the stacked LoRA path, not PEFT's loop over adapters.
+    with model_server.model_lock:
+        assert model_server._stacked_lora() is not None
 
 
 def test_non_lora_adapter_batches_on_its_own(model_server: Any, batcher: Any) -> None:
@@ -125,13 +130,17 @@ def test_per_row_settings_in_one_batch(model_server: Any, batcher: Any) -> None:
         _request(model_server, "tiny", max_tokens=8, stop=(stop,), stream=True),
         _request(model_server, "tiny", max_tokens=8, temperature=1.0, seed=7, n=2),
         _request(model_server, "tiny", max_tokens=8, temperature=1.0, top_p=0.5, seed=7),
+        _request(model_server, "tiny", max_tokens=12, ignore_eos=True),
     ]
-    long, short, stopped, sampled, nucleus = asyncio.run(_results(batcher, requests, hold=batcher._cond))
+    long, short, stopped, sampled, nucleus, no_eos = asyncio.run(
+        _results(batcher, requests, hold=batcher._cond)
+    )
     assert long["texts"][0] == full and long["reasons"][0] in ("length", "stop")
     assert short["texts"][0] == _alone(batcher, model_server, "tiny", max_tokens=2)
     assert full.startswith(short["texts"][0]) and short["reasons"][0] == "length"
     assert stopped["texts"][0] == full[: full.index(stop)] and stopped["reasons"][0] == "stop"
     assert stopped["deltas"][0] == stopped["texts"][0]
+    assert (no_eos["tokens"][0], no_eos["reasons"][0]) == (12, "length")
     assert set(sampled["texts"]) == {0, 1}
     # A seeded request samples the same text alone as in a batch.
     assert sampled["texts"][0] == _alone(batcher, model_server, "tiny", max_tokens=8, temperature=1.0, seed=7)

@@ -1,0 +1,524 @@
+"""Serving throughput of ``kubetune serve`` against a naive server (transformers ``generate`` per request).
+
+Both servers are separate processes with the same thread budget, the same HTTP stack (FastAPI on
+uvicorn), the same base model (the ``small`` Llama of ``kubetune.worker.testing``) and the same eight
+LoRA adapters (r 16 on every attention and MLP projection, a few training steps each, different
+seeds). The naive server (:func:`baseline_app`, which imports nothing from kubetune) is what the first
+kubetune runtime did and what a plain script does: one request at a time under a lock,
+``set_adapter`` then ``generate``.
+
+Load: ``requests`` completions of exactly ``max_tokens`` tokens each (greedy, ``ignore_eos``; the
+naive server suppresses EOS with ``min_new_tokens``; cipher prompts of varying length), sent by one
+client one after the other (*sequential*) or by ``clients`` concurrent clients (one asyncio loop),
+all to one adapter (*1 adapter*) or spread round-robin over eight (*8 adapters mixed*).
+Measured per mode: requests/s, completion tokens/s, latency p50/p99; repeats are interleaved between
+the servers, and the table gives medians. A second phase starts ``kubetune serve`` with no adapter and
+measures the adapter load latency over the admin API (p50/p99 of ``load_repeats`` loads) and the
+server's resident memory (VmRSS) bare and with the eight adapters loaded.
+
+Run (about 5 minutes on 2 shared CPU cores)::
+
+    .venv/bin/python -m benchmarks.serving       # writes benchmarks/results/serving.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from benchmarks.common import (
+    DEFAULT_WORK_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ModelSize,
+    environment,
+    markdown_table,
+    median,
+    prepare_model,
+    ratio,
+    thread_env,
+    write_results,
+)
+
+logger = logging.getLogger("benchmarks.serving")
+
+KUBETUNE, BASELINE = "kubetune", "naive generate"
+READY = {KUBETUNE: "/ready", BASELINE: "/health"}
+MODES = ("sequential, 1 adapter", "concurrent, 1 adapter", "concurrent, 8 adapters mixed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Requests and tokens are counts; ``threads`` is torch threads per server process."""
+
+    size: ModelSize = "small"
+    adapters: int = 8
+    adapter_steps: int = 10
+    requests: int = 64
+    max_tokens: int = 16
+    clients: int = 8
+    repeats: int = 3
+    load_repeats: int = 16
+    max_batch_size: int = 16
+    threads: int = 1
+    seed: int = 0
+
+
+# -- the naive baseline ------------------------------------------------------------------------
+
+
+def baseline_app(model_dir: str, adapters: dict[str, str]) -> Any:
+    """transformers + peft, one ``generate`` per request under a lock: the naive way to serve."""
+    import torch
+    from fastapi import FastAPI
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    names = list(adapters)
+    model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        encoded = tokenizer(body["prompt"], return_tensors="pt")
+        with lock, torch.inference_mode():
+            model.set_adapter(body["model"])
+            max_tokens = body.get("max_tokens", 16)
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens if body.get("ignore_eos") else 0,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[0][encoded["input_ids"].shape[1] :]
+        return {
+            "choices": [{"text": tokenizer.decode(new, skip_special_tokens=True)}],
+            "usage": {"completion_tokens": len(new)},
+        }
+
+    return app
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+
+def prepare_adapters(model_dir: Path, work_dir: Path, settings: Settings) -> dict[str, Path]:
+    """``settings.adapters`` LoRA artifacts on ``model_dir``, trained a few steps each, reused."""
+    from kubetune.worker.engine import train
+    from kubetune.worker.plan import TrainingPlan
+    from kubetune.worker.testing import task_records, write_records
+
+    out: dict[str, Path] = {}
+    for index in range(settings.adapters):
+        name = f"lora-{index}"
+        output = work_dir / f"{model_dir.name}-{name}-steps{settings.adapter_steps}"
+        out[name] = output
+        if (output / "kubetune.json").is_file():
+            continue
+        shutil.rmtree(output, ignore_errors=True)
+        data = write_records(work_dir / f"{name}.jsonl", task_records(64, seed=index, shift=1 + index))
+        plan = {
+            "name": name,
+            "model": {"uri": str(model_dir)},
+            "dataset": {"uri": str(data), "eval_fraction": 0.0},
+            "method": {"type": "lora", "lora": {"rank": 16, "alpha": 32}},
+            "training": {
+                "max_steps": settings.adapter_steps,
+                "learning_rate": 1e-3,
+                "batch_size": 8,
+                "max_seq_length": 64,
+                "gradient_checkpointing": False,
+                "checkpoint_every_steps": 0,
+                "seed": index,
+            },
+            "output": {"uri": str(output), "work_dir": str(work_dir / f".{output.name}.work")},
+            "progress": {"port": 0, "termination_message_path": str(work_dir / f"{name}.termination")},
+        }
+        train(TrainingPlan.model_validate(plan))
+    return out
+
+
+def prompts(count: int, seed: int) -> list[str]:
+    from kubetune.worker.testing import task_records
+
+    return [r["prompt"] for r in task_records(count, seed=seed)]
+
+
+@contextlib.contextmanager
+def server(command: list[str], threads: int, log: Path, ready: str) -> Iterator[tuple[str, int]]:
+    """A server subprocess on a free port; yields (url, pid) once ``ready`` (a path) answers 200."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [*command, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=thread_env(threads), cwd=REPO_ROOT, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:4]} not ready after 600 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def drive(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int) -> dict[str, Any]:
+    """Send every (model, prompt) job with ``clients`` concurrent clients (one asyncio loop, so the
+    clients cost little CPU); wall time and latencies. Every request generates ``max_tokens``
+    tokens (``ignore_eos``), so both servers do the same work."""
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    tokens: list[int] = []
+
+    async def client(queue: list[tuple[str, str]], session: httpx.AsyncClient) -> None:
+        while queue:
+            model, prompt = queue.pop()
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            body["ignore_eos"] = True
+            started = time.monotonic()
+            response = await session.post(f"{url}/v1/completions", json=body)
+            latencies.append(time.monotonic() - started)
+            response.raise_for_status()
+            tokens.append(int(response.json()["usage"]["completion_tokens"]))
+
+    async def main() -> float:
+        queue = list(reversed(jobs))
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as session:
+            started = time.monotonic()
+            await asyncio.gather(*(client(queue, session) for _ in range(clients)))
+            return time.monotonic() - started
+
+    wall = asyncio.run(main())
+    return {
+        "requests": len(jobs),
+        "clients": clients,
+        "seconds": wall,
+        "requests_per_second": len(jobs) / wall,
+        "completion_tokens": sum(tokens),
+        "tokens_per_second": sum(tokens) / wall,
+        "latency_p50_s": percentile(latencies, 0.5),
+        "latency_p99_s": percentile(latencies, 0.99),
+    }
+
+
+def jobs_for(mode: str, adapters: list[str], texts: list[str]) -> tuple[list[tuple[str, str]], int]:
+    mixed = mode.endswith("mixed")
+    jobs = [(adapters[i % len(adapters)] if mixed else adapters[0], text) for i, text in enumerate(texts)]
+    return jobs, 1 if mode.startswith("sequential") else 0
+
+
+def adapter_phase(
+    model_dir: Path, adapters: dict[str, Path], settings: Settings, work_dir: Path
+) -> dict[str, Any]:
+    """Load latency over the admin API and resident memory, bare and with every adapter loaded."""
+    import httpx
+
+    command = [sys.executable, "-m", "kubetune", "serve", "--model", str(model_dir)]
+    command += ["--device", "cpu", "--log-level", "warning"]
+    with server(command, settings.threads, work_dir / "kubetune-memory.log", "/ready") as (url, pid):
+        httpx.post(f"{url}/v1/completions", json={"model": model_dir.name, "prompt": "a", "max_tokens": 2})
+        bare = rss_bytes(pid)
+        loads: list[float] = []
+        for name, path in adapters.items():
+            started = time.monotonic()
+            httpx.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120
+            ).raise_for_status()
+            loads.append(time.monotonic() - started)
+        for name in adapters:
+            httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": "a", "max_tokens": 2})
+        loaded = rss_bytes(pid)
+        name, path = next(iter(adapters.items()))
+        while len(loads) < settings.load_repeats:
+            httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
+            started = time.monotonic()
+            httpx.post(
+                f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120
+            ).raise_for_status()
+            loads.append(time.monotonic() - started)
+    return {
+        "adapter_loads": len(loads),
+        "load_latency_p50_s": percentile(loads, 0.5),
+        "load_latency_p99_s": percentile(loads, 0.99),
+        "load_latencies_s": loads,
+        "rss_bare_bytes": bare,
+        "rss_with_adapters_bytes": loaded,
+        "adapters_loaded": len(adapters),
+        "rss_ratio": loaded / bare,
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for side in (BASELINE, KUBETUNE):
+        for mode in MODES:
+            mine = [r for r in runs if r["side"] == side and r["mode"] == mode]
+            if not mine:
+                continue
+            rows.append(
+                {
+                    "side": side,
+                    "mode": mode,
+                    "clients": mine[0]["clients"],
+                    "runs": len(mine),
+                    "requests_per_second": median([r["requests_per_second"] for r in mine]),
+                    "tokens_per_second": median([r["tokens_per_second"] for r in mine]),
+                    "latency_p50_s": median([r["latency_p50_s"] for r in mine]),
+                    "latency_p99_s": median([r["latency_p99_s"] for r in mine]),
+                    "per_repeat_rps": [round(r["requests_per_second"], 1) for r in mine],
+                }
+            )
+    by = {(r["side"], r["mode"]): r for r in rows}
+    for row in rows:
+        sequential = by.get((row["side"], MODES[0]))
+        baseline = by.get((BASELINE, row["mode"]))
+        rps = row["requests_per_second"]
+        row["vs_sequential"] = ratio(rps, sequential["requests_per_second"]) if sequential else None
+        row["vs_baseline"] = ratio(rps, baseline["requests_per_second"]) if baseline else None
+    return rows
+
+
+def render_markdown(document: dict[str, Any]) -> str:
+    s, env, rows = document["settings"], document["environment"], document["summary"]
+    by = {(r["side"], r["mode"]): r for r in rows}
+    headline = [
+        (
+            "8 concurrent clients vs sequential (1 adapter), requests/s",
+            by[(KUBETUNE, MODES[1])]["vs_sequential"],
+            by[(BASELINE, MODES[1])]["vs_sequential"],
+            ">= 4",
+        ),
+        (
+            "8 adapters mixed vs 1 adapter (8 concurrent clients), tokens/s",
+            ratio(
+                by[(KUBETUNE, MODES[2])]["tokens_per_second"], by[(KUBETUNE, MODES[1])]["tokens_per_second"]
+            ),
+            ratio(
+                by[(BASELINE, MODES[2])]["tokens_per_second"], by[(BASELINE, MODES[1])]["tokens_per_second"]
+            ),
+            ">= 0.8",
+        ),
+    ]
+    memory = document["adapter_phase"]
+    text = [
+        "# Serving throughput: `kubetune serve` vs naive `generate` per request\n",
+        f"Model `{s['size']}`, {s['adapters']} LoRA adapters (r 16), {s['requests']} requests of "
+        f"{s['max_tokens']} tokens each (greedy, EOS ignored), {s['clients']} concurrent clients, "
+        f"{s['repeats']} interleaved repeats (medians), {s['threads']} torch thread per server, "
+        f"batch size {s['max_batch_size']}. "
+        f"Commit `{env['git_commit']}`, {env['cpus_available']} CPUs available"
+        f"{', GPU ' + env['cuda'] if env['cuda'] else ', no GPU'}, measured {env['measured_at']}.\n",
+        "## Ratios\n",
+        markdown_table(["ratio", KUBETUNE, BASELINE, "target (kubetune)"], headline),
+        "## Throughput\n",
+        markdown_table(
+            [
+                "server",
+                "mode",
+                "clients",
+                "requests/s",
+                "tokens/s",
+                "latency p50 s",
+                "latency p99 s",
+                "vs sequential",
+                "vs naive",
+                "per repeat requests/s",
+            ],
+            [
+                [
+                    r["side"],
+                    r["mode"],
+                    r["clients"],
+                    r["requests_per_second"],
+                    r["tokens_per_second"],
+                    r["latency_p50_s"],
+                    r["latency_p99_s"],
+                    r["vs_sequential"],
+                    r["vs_baseline"],
+                    ", ".join(str(v) for v in r["per_repeat_rps"]),
+                ]
+                for r in rows
+            ],
+        ),
+        "## Adapters: load latency and memory (`kubetune serve`)\n",
+        markdown_table(
+            [
+                "loads",
+                "load p50 s",
+                "load p99 s",
+                "RSS bare MiB",
+                "RSS with adapters MiB",
+                "adapters",
+                "ratio",
+            ],
+            [
+                [
+                    memory["adapter_loads"],
+                    memory["load_latency_p50_s"],
+                    memory["load_latency_p99_s"],
+                    memory["rss_bare_bytes"] / (1 << 20),
+                    memory["rss_with_adapters_bytes"] / (1 << 20),
+                    memory["adapters_loaded"],
+                    memory["rss_ratio"],
+                ]
+            ],
+        ),
+    ]
+    return "\n".join(text)
+
+
+def run(settings: Settings, work_dir: Path, results_dir: Path, name: str = "serving") -> dict[str, Any]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(work_dir, size=settings.size, pretrain_steps=0, seed=settings.seed)
+    adapters = prepare_adapters(model_dir, work_dir, settings)
+    names = list(adapters)
+    texts = prompts(settings.requests, settings.seed)
+    adapter_args = [arg for n, p in adapters.items() for arg in ("--adapter", f"{n}={p}")]
+    kubetune_serve = [sys.executable, "-m", "kubetune", "serve", "--model", str(model_dir)]
+    naive_serve = [sys.executable, "-m", "benchmarks.serving", "baseline-server", "--model", str(model_dir)]
+    options = ["--device", "cpu", "--log-level", "warning", "--max-batch-size", str(settings.max_batch_size)]
+    commands = {KUBETUNE: [*kubetune_serve, *adapter_args, *options], BASELINE: [*naive_serve, *adapter_args]}
+    runs: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        urls = {
+            side: stack.enter_context(
+                server(cmd, settings.threads, work_dir / f"{side.split()[0]}.log", READY[side])
+            )[0]
+            for side, cmd in commands.items()
+        }
+        for url in urls.values():  # warm-up: every adapter once, a few concurrent requests
+            drive(url, [(n, texts[0]) for n in names] * 2, settings.clients, settings.max_tokens)
+        for repeat in range(settings.repeats):
+            order = list(urls) if repeat % 2 == 0 else list(reversed(urls))
+            for side in order:
+                for mode in MODES:
+                    jobs, clients = jobs_for(mode, names, texts)
+                    result = drive(urls[side], jobs, clients or settings.clients, settings.max_tokens)
+                    runs.append({"side": side, "mode": mode, "repeat": repeat, **result})
+                    logger.info("%s / %s: %.1f requests/s", side, mode, result["requests_per_second"])
+    adapter_phase_result = adapter_phase(model_dir, adapters, settings, work_dir)
+    document = {
+        "benchmark": "serving",
+        "settings": asdict(settings),
+        "environment": environment(settings.threads),
+        "summary": summarise(runs),
+        "adapter_phase": adapter_phase_result,
+        "runs": runs,
+    }
+    write_results(name, document, render_markdown(document), results_dir)
+    return document
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None, allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command")
+    baseline = sub.add_parser("baseline-server", help="run the naive server (used by the benchmark)")
+    baseline.add_argument("--model", required=True)
+    baseline.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    baseline.add_argument("--host", default="127.0.0.1")
+    baseline.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--size", choices=get_args(ModelSize), default=defaults.size)
+    parser.add_argument("--adapters", type=int, default=defaults.adapters)
+    parser.add_argument("--adapter-steps", type=int, default=defaults.adapter_steps)
+    parser.add_argument("--requests", type=int, default=defaults.requests)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--clients", type=int, default=defaults.clients)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--load-repeats", type=int, default=defaults.load_repeats)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per server")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR / "serving")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="serving", help="results file name (without suffix)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request costs the clients CPU
+    if args.command == "baseline-server":
+        import uvicorn
+
+        adapters = dict(item.partition("=")[::2] for item in args.adapter)
+        uvicorn.run(baseline_app(args.model, adapters), host=args.host, port=args.port, log_level="warning")
+        return 0
+    settings = Settings(
+        size=args.size,
+        adapters=args.adapters,
+        adapter_steps=args.adapter_steps,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        clients=args.clients,
+        repeats=args.repeats,
+        load_repeats=args.load_repeats,
+        max_batch_size=args.max_batch_size,
+        threads=args.threads,
+    )
+    document = run(settings, args.work_dir, args.results_dir, args.name)
+    print(render_markdown(document))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
