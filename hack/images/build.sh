@@ -5,6 +5,7 @@
 #   VARIANT=cuda build.sh     the operator and the CUDA worker (tagged -cuda)
 #   BASE_IMAGE=<ref>          build on that image instead of the one base.sh makes from Debian
 #   ENGINE=docker|podman      override the choice containers.sh makes
+#   IMAGES_BUILD_FLAGS=...    more options for the engine's build (e.g. --no-cache, --pull)
 #
 # Steps: the base image (once per machine), the wheelhouse (once per lock), then both images
 # with the layer cache. Tags: ghcr.io/kubetune/<image>:<version>-<shortsha>[-dirty][-cuda] and
@@ -65,7 +66,8 @@ build() {
     local name="$1" dockerfile="$2"; shift 2
     local tags=()
     for t in "$@"; do tags+=(--tag "$t"); done
-    run "$name" "$ENGINE" build --file "$dockerfile" "${tags[@]}" \
+    # shellcheck disable=SC2086 # IMAGES_BUILD_FLAGS is a list of options
+    run "$name" "$ENGINE" build --file "$dockerfile" "${tags[@]}" ${IMAGES_BUILD_FLAGS:-} \
         --build-context "wheels=$wheels" \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
