@@ -1,28 +1,45 @@
 """The kopf handlers: thin triggers for the level-based reconcile passes.
 
-Every trigger of a FineTuneJob (the object, its Job, its pods, a periodic timer for live progress)
-runs :func:`kubetune.operator.reconcile.reconcile`; every trigger of an AdapterDeployment (the object,
-its pods, a timer) runs :func:`kubetune.operator.serving_reconcile.reconcile_adapterdeployment`. A
-missed event is repaired by the next pass.
+Reconciles are event-driven. A FineTuneJob is reconciled (:func:`kubetune.operator.reconcile.reconcile`)
+when it is created, when its ``spec.suspend`` changes, when the operator starts (unless its run has
+ended), and whenever its worker Job or one of the Job's pods changes. The only periodic work is
+polling a training worker's live ``/progress``, and only while a worker pod is running: the timer is
+filtered on the Running condition, so kopf stops it when the run leaves that state.
+
+An AdapterDeployment is reconciled
+(:func:`kubetune.operator.serving_reconcile.reconcile_adapterdeployment`) when it changes, when one of
+its pods changes, and when a FineTuneJob it serves ends or goes away. Finished, suspended and failed
+objects cost no API calls while nothing changes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from kubetune.api import v1alpha1
+from kubetune.operator import kube
+from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB
 from kubetune.operator.reconcile import PLURAL, OperatorConfig, reconcile
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
+from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
 from kubetune.operator.serving_reconcile import reconcile_adapterdeployment
 
+logger = logging.getLogger("kubetune.operator")
+
 FTJ = (v1alpha1.GROUP, v1alpha1.VERSION, PLURAL)
-ADEP = (v1alpha1.GROUP, v1alpha1.VERSION, "adapterdeployments")
-#: Seconds between periodic passes of each FineTuneJob (live progress is polled on these).
-RESYNC_SECONDS = 5.0
+ADEP = (v1alpha1.GROUP, v1alpha1.VERSION, ADEP_PLURAL)
+#: Seconds between polls of a training worker's /progress: the one state that changes without an
+#: event. Each poll that sees new numbers costs one status patch.
+PROGRESS_INTERVAL_S = 10.0
+#: Seconds between attempts of a pass triggered by a child's event. kopf does not retry event
+#: handlers, and the next event may be long in coming: a few quick retries ride out an apiserver hiccup.
+CHILD_EVENT_RETRIES_S = (1.0, 3.0, 10.0)
 
 
 @kopf.on.startup()
@@ -33,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kubetune.dev", key="last-handled-configuration"
     )
+    # The progress timer needs a finalizer while it runs (kopf stops it before the object goes).
     settings.persistence.finalizer = "kubetune.dev/finalizer"
     # Conditions and status carry the story; Kubernetes events only for warnings and errors.
     settings.posting.level = logging.WARNING
@@ -40,11 +58,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
     # Re-open watches every few minutes so a silently dropped connection cannot hide events for long.
+    # Reconciles are driven by these watches, so a dead one would stall them.
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    # A failing handler retries soon, then backs off; one bad object never blocks the others.
-    settings.batching.error_delays = [1, 2, 5, 10, 30, 60, 120, 300]
-    # Reconciles do blocking I/O in kopf's thread pool; bound it for small operator pods.
+    # A failed create/resume/update handler is retried after 10 s, not kopf's 60 s: nothing periodic
+    # would repair what it missed.
+    settings.execution.default_backoff = 10
+    # Reconciles do blocking I/O in kopf's thread pool; bound it for small operator pods. Passes are
+    # short and event-driven, so 8 threads keep up with thousands of objects.
     settings.execution.max_workers = 8
 
     if "config" not in memo:
@@ -57,6 +78,23 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         except config.ConfigException:
             config.load_kube_config()
         memo["api_client"] = client.ApiClient()
+    # FineTuneJob name -> what an AdapterDeployment cares about, last time it was seen.
+    memo.setdefault("artifacts", {})
+
+
+def _retrying(attempt: Callable[[], object], what: str) -> None:
+    for delay in (*CHILD_EVENT_RETRIES_S, None):
+        try:
+            attempt()
+            return
+        except Exception as error:
+            if delay is None:
+                raise
+            logger.warning("%s failed, retrying in %.0f s: %s", what, delay, error)
+            time.sleep(delay)
+
+
+# -- FineTuneJob -------------------------------------------------------------------------------------
 
 
 def _reconcile(memo: Any, namespace: str | None, name: str) -> None:
@@ -65,32 +103,55 @@ def _reconcile(memo: Any, namespace: str | None, name: str) -> None:
 
 
 @kopf.on.resume(*FTJ)
+def finetunejob_resumed(
+    memo: Any, namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
+) -> None:
+    # A run that ended at this generation has nothing left to do: operator restarts cost nothing.
+    if ftj_status.finished(dict(status)) and status.get("observedGeneration") == meta.get("generation"):
+        return
+    _reconcile(memo, namespace, name)
+
+
 @kopf.on.create(*FTJ)
-def finetunejob_created(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+@kopf.on.update(*FTJ, field="spec.suspend")  # the rest of the spec is immutable
+def finetunejob_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(memo, namespace, name)
 
 
-@kopf.on.field(*FTJ, field="spec.suspend")
-def finetunejob_suspend_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+def _training(status: kopf.Status, **_: Any) -> bool:
+    return ftj_status.training(dict(status))
 
 
-@kopf.timer(*FTJ, interval=RESYNC_SECONDS, sharp=False)
-def finetunejob_resync(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+@kopf.timer(*FTJ, interval=PROGRESS_INTERVAL_S, sharp=False, when=_training)
+def finetunejob_progress(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(memo, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def child_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
+def worker_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
     if not type:  # the initial listing: the FineTuneJob's own resume handler covers it
         return
-    _reconcile(memo, namespace, labels[LABEL_FINETUNEJOB])
+    owner = labels[LABEL_FINETUNEJOB]
+    _retrying(lambda: _reconcile(memo, namespace, owner), f"FineTuneJob {namespace}/{owner}")
+
+
+# -- AdapterDeployment -------------------------------------------------------------------------------
 
 
 def _reconcile_serving(memo: Any, namespace: str | None, name: str) -> None:
     assert namespace is not None, "AdapterDeployments are namespaced"
     reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
+
+
+@kopf.index(*ADEP)
+def serving_by_finetunejob(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[Any, str]:
+    """(namespace, FineTuneJob name) -> the AdapterDeployments that serve its artifact."""
+    return {
+        (namespace, adapter["fineTuneJob"]): name
+        for adapter in spec.get("adapters") or []
+        if adapter.get("fineTuneJob")
+    }
 
 
 @kopf.on.resume(*ADEP)
@@ -100,14 +161,36 @@ def adapterdeployment_changed(memo: Any, namespace: str | None, name: str, **_: 
     _reconcile_serving(memo, namespace, name)
 
 
-@kopf.timer(*ADEP, interval=RESYNC_SECONDS, sharp=False)
-def adapterdeployment_resync(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    # Also how adapters of FineTuneJobs that finish later, and new replicas, get loaded.
-    _reconcile_serving(memo, namespace, name)
-
-
 @kopf.on.event("", "v1", "pods", labels={LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT})
 def serving_pod_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
     if not type:
         return
-    _reconcile_serving(memo, namespace, labels[LABEL_ADAPTERDEPLOYMENT])
+    owner = labels[LABEL_ADAPTERDEPLOYMENT]
+    _retrying(lambda: _reconcile_serving(memo, namespace, owner), f"AdapterDeployment {namespace}/{owner}")
+
+
+@kopf.on.event(*FTJ)
+def finetunejob_event(
+    memo: Any,
+    namespace: str | None,
+    name: str,
+    status: kopf.Status,
+    type: str,
+    **kwargs: Any,
+) -> None:
+    """An AdapterDeployment serves what its FineTuneJobs published: wake it when that changes (the
+    run ends, the object goes), not on every progress update."""
+    serving_by_finetunejob: kopf.Index[Any, str] = kwargs["serving_by_finetunejob"]
+    if type == "DELETED":
+        kube.forget(PLURAL, namespace or "", name)
+    key = (namespace, name)
+    artifact = None if type == "DELETED" else (status.get("phase"), (status.get("result") or {}).get("uri"))
+    if memo["artifacts"].get(key, ()) == artifact:
+        return
+    memo["artifacts"][key] = artifact
+    if not type or key not in serving_by_finetunejob:
+        return  # the initial listing: AdapterDeployments resume on their own
+    for adep in list(serving_by_finetunejob[key]):
+        _retrying(lambda: _reconcile_serving(memo, namespace, adep), f"AdapterDeployment {namespace}/{adep}")  # noqa: B023
+    if type == "DELETED":
+        memo["artifacts"].pop(key, None)

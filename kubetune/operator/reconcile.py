@@ -1,32 +1,46 @@
 """One reconcile pass of a FineTuneJob: read the world, apply the builders' difference, write status.
 
-Synchronous (kopf runs sync handlers in its thread pool) and idempotent: children have deterministic
-names and are created only when absent, so running it twice, or from two triggers at once, is harmless.
+Synchronous (kopf runs sync handlers in its thread pool), serialised per object and idempotent:
+children have deterministic names and are server-side applied only when absent or changed, so running
+it twice, or from two triggers at once, writes nothing new. A pass costs a read of the object, of its
+Job and a list of the Job's pods; it writes only what changed.
+
+Lifecycle rules (docs/operator.md):
+
+- the worker Job is created once per run and never again once status says the run ended, so
+  ``ttlSecondsAfterFinished`` can delete it;
+- a child whose controller is not this object (another uid, or none) is never adopted or touched:
+  the Running condition says ``ChildConflict``;
+- ``Job.spec.suspend`` is set at creation from ``spec.suspend``; afterwards the reconciler toggles it
+  under its own field manager (:data:`SUSPEND_FIELD_MANAGER`), except for a Job with a Kueue
+  queue-name label, whose suspension belongs to Kueue from then on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import v1alpha1
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.operator import builders, status
+from kubetune.operator import builders, kube, status
 from kubetune.operator.render import PROGRESS_PORT, training_plan
+from kubetune.worker import plan as wp
 from kubetune.worker.plan import ProgressReport
 
 logger = logging.getLogger("kubetune.operator")
 
 PLURAL = "finetunejobs"
+KIND = "FineTuneJob"
+#: Field manager of the reconciler's ``Job.spec.suspend`` toggles. Separate from
+#: :data:`kube.FIELD_MANAGER`, which applied the whole Job at creation: applying only the one field
+#: under that manager would release every other field it owns.
+SUSPEND_FIELD_MANAGER = "kubetune-suspend"
 
 
 @dataclass
@@ -36,19 +50,6 @@ class OperatorConfig:
     worker: builders.WorkerSettings = field(default_factory=builders.WorkerSettings)
     #: Seconds to wait for a worker's /progress answer; a slow worker must not stall reconciles.
     progress_timeout_s: float = 1.0
-
-
-_locks: dict[tuple[str, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-@contextmanager
-def _serialised(namespace: str, name: str) -> Iterator[None]:
-    """FineTuneJob, Job and Pod events can trigger the same object at once; one pass at a time."""
-    with _locks_guard:
-        lock = _locks.setdefault((namespace, name), threading.Lock())
-    with lock:
-        yield
 
 
 def _fetch_progress(pod: dict[str, Any], timeout: float) -> ProgressReport | None:
@@ -62,31 +63,6 @@ def _fetch_progress(pod: dict[str, Any], timeout: float) -> ProgressReport | Non
         return None  # not listening yet, or between restarts: the next pass tries again
 
 
-def _create_if_absent(create: Any, body: dict[str, Any]) -> None:
-    from kubernetes.client.rest import ApiException
-
-    try:
-        create(body["metadata"]["namespace"], body)
-    except ApiException as error:
-        if error.status != 409:
-            raise
-
-
-def get_custom_object(custom: Any, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-    """A kubetune object as a dict, or None when it does not exist (any more)."""
-    from kubernetes.client.rest import ApiException
-
-    try:
-        obj: dict[str, Any] = custom.get_namespaced_custom_object(
-            v1alpha1.GROUP, v1alpha1.VERSION, namespace, plural, name
-        )
-    except ApiException as error:
-        if error.status == 404:
-            return None
-        raise
-    return obj
-
-
 def plan_problem(job: FineTuneJob) -> str | None:
     """Why this operator cannot run the job, or None."""
     if job.spec.resources.nodes > 1:
@@ -94,19 +70,66 @@ def plan_problem(job: FineTuneJob) -> str | None:
     return None
 
 
+def _may_have_pods(worker: dict[str, Any]) -> bool:
+    """False for a suspended Job whose status counts no pod at all: listing would find none (this is
+    most of what an operator restart reads for a queue of held jobs)."""
+    job_status = worker.get("status") or {}
+    counts = ("active", "ready", "succeeded", "failed", "terminating")
+    return not (worker.get("spec") or {}).get("suspend") or any(job_status.get(c) for c in counts)
+
+
+def ensure_worker(
+    api_client: Any,
+    job: FineTuneJob,
+    plan: wp.TrainingPlan,
+    config: OperatorConfig,
+    previous: dict[str, Any] | None,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The FineTuneJob's worker Job (wire form), created when it should exist and does not, with
+    ``spec.suspend`` brought in line where the FineTuneJob owns it; or (None, why not) when a child
+    with its name belongs to someone else."""
+    namespace = str(job.metadata.namespace)
+    desired = builders.worker_job(job, config.worker)
+    name = desired["metadata"]["name"]
+    worker = kube.read(api_client, "Job", namespace, name)
+    if problem := kube.ownership_problem(worker, KIND, job.metadata.uid):
+        return None, problem
+    if worker is None:
+        if status.finished(previous):
+            return None, None  # the run ended; its Job was deleted (TTL, a user) and stays deleted
+        configmap = builders.plan_configmap(job, plan)
+        existing = kube.read(api_client, "ConfigMap", namespace, configmap["metadata"]["name"])
+        if problem := kube.ownership_problem(existing, KIND, job.metadata.uid):
+            return None, problem
+        kube.apply_if_changed(api_client, existing, configmap)
+        worker = kube.apply(api_client, kube.stamped(desired))
+        logger.info("created Job %s/%s", namespace, name)
+        return worker, None
+    suspended = bool((worker.get("spec") or {}).get("suspend"))
+    if suspended != job.spec.suspend and not builders.queued(job) and not status.job_ended(worker):
+        toggle = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"suspend": job.spec.suspend},
+        }
+        worker = kube.apply(api_client, toggle, field_manager=SUSPEND_FIELD_MANAGER)
+        logger.info("%s Job %s/%s", "suspended" if job.spec.suspend else "resumed", namespace, name)
+    return worker, None
+
+
 def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig) -> dict[str, Any] | None:
     """Bring one FineTuneJob's children and status in line; returns the status written (or None)."""
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
 
     custom = client.CustomObjectsApi(api_client)
-    batch = client.BatchV1Api(api_client)
     core = client.CoreV1Api(api_client)
 
-    with _serialised(namespace, name):
-        obj = get_custom_object(custom, PLURAL, namespace, name)
+    with kube.serialised(PLURAL, namespace, name):
+        obj = kube.get_custom_object(custom, PLURAL, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None  # owner references garbage-collect the children
+        previous = obj.get("status") or {}
 
         job: FineTuneJob | None = None
         plan_error: str | None = None
@@ -119,42 +142,39 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
             plan_error = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
 
         worker: dict[str, Any] | None = None
+        conflict: str | None = None
         pods: list[dict[str, Any]] = []
         progress: ProgressReport | None = None
         if job is not None and plan_error is None:
-            _create_if_absent(core.create_namespaced_config_map, builders.plan_configmap(job, plan))
-            desired_job = builders.worker_job(job, config.worker)
-            job_name = desired_job["metadata"]["name"]
-            try:
-                existing = batch.read_namespaced_job(job_name, namespace)
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-                existing = batch.create_namespaced_job(namespace, desired_job)  # type: ignore[arg-type]
-                logger.info("created Job %s/%s", namespace, job_name)
-            # Wire (camelCase) form, as the pure status functions expect.
-            worker = api_client.sanitize_for_serialization(existing)
-            assert worker is not None
-            if bool(worker["spec"].get("suspend")) != job.spec.suspend:
-                batch.patch_namespaced_job(job_name, namespace, {"spec": {"suspend": job.spec.suspend}})
+            worker, conflict = ensure_worker(api_client, job, plan, config, previous)
+        if worker is not None and _may_have_pods(worker):
+            # By the Job's uid: pods of an earlier Job of the same name are not this run's.
+            uid = worker["metadata"]["uid"]
             pods = api_client.sanitize_for_serialization(
-                core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+                core.list_namespaced_pod(
+                    namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}"
+                )
             )["items"]
             running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
             if running:
                 progress = _fetch_progress(running[0], config.progress_timeout_s)
 
-        seen = status.Observed(job=worker, pods=pods, progress=progress, plan_error=plan_error)
+        seen = status.Observed(
+            job=worker,
+            pods=pods,
+            progress=progress,
+            plan_error=plan_error,
+            conflict=conflict,
+            queued=bool(job and builders.queued(job)),
+        )
         desired = status.desired_status(
             obj["metadata"].get("generation"),
             bool(job and job.spec.suspend),
             seen,
-            obj.get("status"),
+            previous,
             datetime.now(UTC),
         )
-        if desired != {k: v for k, v in (obj.get("status") or {}).items() if k in desired}:
-            custom.patch_namespaced_custom_object_status(
-                v1alpha1.GROUP, v1alpha1.VERSION, namespace, PLURAL, name, {"status": desired}
-            )
+        if desired != {k: v for k, v in previous.items() if k in desired}:
+            kube.patch_status(custom, PLURAL, namespace, name, desired)
             logger.debug("status of %s/%s: %s", namespace, name, json.dumps(desired)[:500])
         return desired

@@ -1,8 +1,10 @@
 """One reconcile pass of an AdapterDeployment.
 
-Creates or updates the serving ConfigMap, Deployment and Service, then makes every ready pod serve
-exactly the desired adapters and routes by calling its HTTP API (hot swap, no restart), and writes
-status from what the pods report. Level-based and idempotent like the FineTuneJob pass.
+Server-side applies the serving ConfigMap, Deployment and Service (only those whose desired
+manifest changed; a child owned by someone else is reported, never touched), then makes every ready
+pod serve exactly the desired adapters and routes by calling its HTTP API (hot swap, no restart),
+and writes status from what the pods report, only when it changed. Level-based and idempotent like
+the FineTuneJob pass.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.api import v1alpha1
 from kubetune.api.v1alpha1 import AdapterDeployment
-from kubetune.operator import serving
-from kubetune.operator.reconcile import OperatorConfig, _serialised, get_custom_object
+from kubetune.operator import kube, serving
+from kubetune.operator.reconcile import OperatorConfig
 from kubetune.operator.status import merge_conditions
 
 logger = logging.getLogger("kubetune.operator.serving")
 
 PLURAL = "adapterdeployments"
+KIND = "AdapterDeployment"
 
 
 def _call(pod_ip: str, port: int, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
@@ -85,18 +87,42 @@ def sync_pod(pod_ip: str, port: int, plan: Any) -> tuple[dict[str, str], dict[st
     return current, failures
 
 
+def _failed(obj: dict[str, Any], adep: AdapterDeployment, reason: str, message: str) -> dict[str, Any]:
+    """Status of an AdapterDeployment that cannot be served as asked."""
+    conditions = merge_conditions(
+        (obj.get("status") or {}).get("conditions") or [],
+        [
+            {"type": "Ready", "status": "False", "reason": reason, "message": message},
+            {"type": "Degraded", "status": "True", "reason": reason, "message": message},
+        ],
+        adep.metadata.generation,
+        datetime.now(UTC),
+    )
+    return {
+        "observedGeneration": adep.metadata.generation,
+        "phase": "Failed",
+        "conditions": conditions,
+    }
+
+
+def _write_status(custom: Any, obj: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    previous = obj.get("status") or {}
+    if desired != {k: v for k, v in previous.items() if k in desired}:
+        meta = obj["metadata"]
+        kube.patch_status(custom, PLURAL, meta["namespace"], meta["name"], desired)
+    return desired
+
+
 def reconcile_adapterdeployment(
     api_client: Any, namespace: str, name: str, config: OperatorConfig
 ) -> dict[str, Any] | None:
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
 
     custom = client.CustomObjectsApi(api_client)
-    apps = client.AppsV1Api(api_client)
     core = client.CoreV1Api(api_client)
 
-    with _serialised(namespace, f"adep/{name}"):
-        obj = get_custom_object(custom, PLURAL, namespace, name)
+    with kube.serialised(PLURAL, namespace, name):
+        obj = kube.get_custom_object(custom, PLURAL, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None
         try:
@@ -107,29 +133,12 @@ def reconcile_adapterdeployment(
 
         problem = serving.unsupported(adep)
         if problem:
-            conditions = merge_conditions(
-                (obj.get("status") or {}).get("conditions") or [],
-                [
-                    {"type": "Ready", "status": "False", "reason": "Unsupported", "message": problem},
-                    {"type": "Degraded", "status": "True", "reason": "Unsupported", "message": problem},
-                ],
-                adep.metadata.generation,
-                datetime.now(UTC),
-            )
-            failed = {
-                "observedGeneration": adep.metadata.generation,
-                "phase": "Failed",
-                "conditions": conditions,
-            }
-            custom.patch_namespaced_custom_object_status(
-                v1alpha1.GROUP, v1alpha1.VERSION, namespace, PLURAL, name, {"status": failed}
-            )
-            return failed
+            return _write_status(custom, obj, _failed(obj, adep, "Unsupported", problem))
 
         jobs: dict[str, dict[str, Any]] = {}
         for adapter in adep.spec.adapters:
             if adapter.fine_tune_job and adapter.fine_tune_job not in jobs:
-                job = get_custom_object(custom, "finetunejobs", namespace, adapter.fine_tune_job)
+                job = kube.get_custom_object(custom, "finetunejobs", namespace, adapter.fine_tune_job)
                 if job is not None:
                     jobs[adapter.fine_tune_job] = job
         resolved = serving.resolve_adapters(adep, jobs)
@@ -142,44 +151,23 @@ def reconcile_adapterdeployment(
             }
         )
 
-        configmap = serving.plan_configmap(adep, plan)
-        try:
-            core.replace_namespaced_config_map(configmap["metadata"]["name"], namespace, configmap)  # type: ignore[arg-type]
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            core.create_namespaced_config_map(namespace, configmap)  # type: ignore[arg-type]
+        # Replicas are part of the desired Deployment: they follow spec.replicas, which is what
+        # kubectl scale and an HPA change (through the AdapterDeployment's scale subresource).
+        children = [
+            serving.plan_configmap(adep, plan),
+            serving.deployment(adep, plan, config.worker, job_claims),
+            serving.service(adep),
+        ]
+        existing = [
+            kube.read(api_client, child["kind"], namespace, child["metadata"]["name"]) for child in children
+        ]
+        # All or nothing: a Deployment must not start for a Service that belongs to someone else.
+        for current in existing:
+            if conflict := kube.ownership_problem(current, KIND, adep.metadata.uid):
+                return _write_status(custom, obj, _failed(obj, adep, "ChildConflict", conflict))
+        for current, desired_child in zip(existing, children, strict=True):
+            kube.apply_if_changed(api_client, current, desired_child)
 
-        desired = serving.deployment(adep, plan, config.worker, job_claims)
-        try:
-            existing = apps.read_namespaced_deployment(name, namespace)
-            current = api_client.sanitize_for_serialization(existing)
-            # Replicas belong to whoever scales spec.replicas (kubectl scale, an HPA through /scale).
-            if (
-                current["spec"]["template"] != desired["spec"]["template"]
-                or current["spec"].get("replicas") != desired["spec"]["replicas"]
-            ):
-                apps.patch_namespaced_deployment(
-                    name,
-                    namespace,
-                    {
-                        "spec": {
-                            "replicas": desired["spec"]["replicas"],
-                            "template": desired["spec"]["template"],
-                        }
-                    },
-                )
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            apps.create_namespaced_deployment(namespace, desired)  # type: ignore[arg-type]
-        try:
-            core.create_namespaced_service(namespace, serving.service(adep))  # type: ignore[arg-type]
-        except ApiException as error:
-            if error.status != 409:
-                raise
-
-        deployment = api_client.sanitize_for_serialization(apps.read_namespaced_deployment(name, namespace))
         pods = api_client.sanitize_for_serialization(
             core.list_namespaced_pod(namespace, label_selector=serving.selector_string(adep))
         )["items"]
@@ -210,9 +198,10 @@ def reconcile_adapterdeployment(
             adep.metadata.generation,
             datetime.now(UTC),
         )
+        # Replicas as the pods show them: pod events wake this pass, the Deployment's status lags.
         status = {
             "observedGeneration": adep.metadata.generation,
-            "replicas": int((deployment.get("status") or {}).get("replicas") or 0),
+            "replicas": len([p for p in pods if not p["metadata"].get("deletionTimestamp")]),
             "readyReplicas": len(ready_pods),
             "selector": serving.selector_string(adep),
             "phase": serving.phase_for(conditions),
@@ -221,8 +210,4 @@ def reconcile_adapterdeployment(
             "adaptersReady": f"{sum(a['state'] == 'Loaded' for a in adapters)}/{len(adapters)}",
             "endpoint": serving.endpoint(adep),
         }
-        if status != {k: v for k, v in (obj.get("status") or {}).items() if k in status}:
-            custom.patch_namespaced_custom_object_status(
-                v1alpha1.GROUP, v1alpha1.VERSION, namespace, PLURAL, name, {"status": status}
-            )
-        return status
+        return _write_status(custom, obj, status)

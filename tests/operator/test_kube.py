@@ -1,0 +1,46 @@
+"""The controllers' shared kube helpers, without a cluster.
+
+Aspects:
+- a child is ours only when its controller ownerReference carries our uid: another uid, no
+  controller, or a mere (non-controller) reference is a conflict with a message naming both;
+- the applied-manifest hash ignores key order and its own annotation, so a stamped child is current
+  for the manifest it came from and stale for any other.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from kubetune.operator import kube
+
+
+def _child(*references: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "Job", "metadata": {"name": "x-train", "ownerReferences": list(references)}}
+
+
+def test_only_our_uid_is_ours() -> None:
+    ours = kube.owner_reference("FineTuneJob", SimpleNamespace(name="x", uid="uid-1"))
+    assert ours["controller"] is True and ours["uid"] == "uid-1"
+    assert kube.ownership_problem(None, "FineTuneJob", "uid-1") is None
+    assert kube.ownership_problem(_child(ours), "FineTuneJob", "uid-1") is None
+
+    stale = kube.ownership_problem(_child({**ours, "uid": "uid-0"}), "FineTuneJob", "uid-1")
+    assert stale is not None and "uid uid-0" in stale and "uid-1" in stale and "x-train" in stale
+    orphan = kube.ownership_problem(_child(), "FineTuneJob", "uid-1")
+    assert orphan is not None and "has no controller" in orphan
+    assert kube.ownership_problem(_child({**ours, "controller": False}), "FineTuneJob", "uid-1")
+
+
+def test_applied_hash_marks_what_was_applied() -> None:
+    desired = {"kind": "ConfigMap", "metadata": {"name": "p", "labels": {"a": "1"}}, "data": {"k": "v"}}
+    reordered = {"data": {"k": "v"}, "metadata": {"labels": {"a": "1"}, "name": "p"}, "kind": "ConfigMap"}
+    assert kube.applied_hash(desired) == kube.applied_hash(reordered)
+
+    existing = kube.stamped(desired)
+    assert existing["metadata"]["annotations"][kube.ANNOTATION_APPLIED] == kube.applied_hash(desired)
+    assert kube.applied_hash(existing) == kube.applied_hash(desired)
+    assert kube.is_current(existing, desired)
+    assert not kube.is_current(existing, {**desired, "data": {"k": "w"}})
+    assert not kube.is_current(None, desired)
+    assert "annotations" not in desired["metadata"]  # stamping copies

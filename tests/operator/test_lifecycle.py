@@ -1,0 +1,358 @@
+"""Lifecycles under ``kubetune operator`` on the local cluster.
+
+Aspects:
+- phases move forward only through a real run (Pending, Running, Succeeded), and once the run has
+  succeeded, ``ttlSecondsAfterFinished`` deletes the Job for good: new generations (spec.suspend
+  flipped both ways) are reconciled without re-creating it, the FineTuneJob stays Succeeded with
+  its result, and the artifact is not rewritten;
+- a Job with the FineTuneJob's name but not its uid (left by an earlier object) is not adopted:
+  the Running condition says ChildConflict and the Job is left untouched; once it is gone, the
+  operator creates its own;
+- an AdapterDeployment whose Service name is taken by someone else's Service applies none of its
+  children (no Deployment starts) and says ChildConflict;
+- a queued Job (Kueue labels on the pod template) carries the labels on the Job too, and a
+  suspend flip made by its queue is not reverted;
+- an idle (suspended) FineTuneJob costs the operator no API request, and a spec.suspend flip still
+  reaches its Job at once, through a watch event, under the operator's own suspend field manager.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api import v1alpha1
+from kubetune.localcluster.testing import ClusterHandle, wait_for
+
+pytestmark = [pytest.mark.cluster]
+
+PHASE_ORDER = ("Pending", "Running", "Succeeded")
+QUEUE_LABELS = {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "low"}
+
+
+def _finetunejob(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "dataset": {"uri": "pvc://data/train.jsonl", "evalFraction": 0.1},
+            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
+            "training": {
+                "maxSteps": 6,
+                "batchSize": 4,
+                "maxSeqLength": 64,
+                "learningRate": 0.01,
+                "checkpointEverySteps": 3,
+            },
+            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
+            "output": {"uri": f"pvc://data/out/{name}"},
+            "backoffLimit": 2,
+            **spec,
+        },
+    }
+
+
+def _objects(cluster: ClusterHandle) -> Any:
+    from kubernetes import client
+
+    return client.CustomObjectsApi(cluster.api_client())
+
+
+def _batch(cluster: ClusterHandle) -> Any:
+    from kubernetes import client
+
+    return client.BatchV1Api(cluster.api_client())
+
+
+def _get(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = _objects(cluster).get_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", name
+    )
+    return result
+
+
+def _create(cluster: ClusterHandle, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    created: dict[str, Any] = _objects(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", body
+    )
+    return created
+
+
+def _set_suspend(cluster: ClusterHandle, namespace: str, name: str, suspend: bool) -> int:
+    """Flip spec.suspend; returns the new generation."""
+    patched = _objects(cluster).patch_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", name, {"spec": {"suspend": suspend}}
+    )
+    return int(patched["metadata"]["generation"])
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition["type"] == kind:
+            return dict(condition)
+    return {}
+
+
+def _phase_is(cluster: ClusterHandle, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:
+    obj = _get(cluster, namespace, name)
+    return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+
+def _observed(cluster: ClusterHandle, namespace: str, name: str, generation: int) -> dict[str, Any] | None:
+    obj = _get(cluster, namespace, name)
+    return obj if (obj.get("status") or {}).get("observedGeneration") == generation else None
+
+
+def _read_job(cluster: ClusterHandle, namespace: str, name: str) -> Any:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return _batch(cluster).read_namespaced_job(name, namespace)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+class PhaseRecorder:
+    """Every distinct phase a FineTuneJob's status passes through, from a watch (no polling gaps)."""
+
+    def __init__(self, cluster: ClusterHandle, namespace: str, name: str) -> None:
+        from kubernetes import watch
+
+        self.phases: list[str] = []
+        self.error: BaseException | None = None
+        self._stopped = False
+        self._watch = watch.Watch()
+        self._thread = threading.Thread(
+            target=self._run, args=(cluster, namespace, name), name="phases", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, cluster: ClusterHandle, namespace: str, name: str) -> None:
+        stream = self._watch.stream(
+            _objects(cluster).list_namespaced_custom_object,
+            v1alpha1.GROUP,
+            v1alpha1.VERSION,
+            namespace,
+            "finetunejobs",
+            field_selector=f"metadata.name={name}",
+            timeout_seconds=900,
+        )
+        try:
+            for event in stream:
+                phase = (event["object"].get("status") or {}).get("phase")
+                if phase and (not self.phases or self.phases[-1] != phase):
+                    self.phases.append(phase)
+        except Exception as error:  # the stream outlives the test until the cluster stops
+            if not self._stopped:
+                self.error = error
+
+    def stop(self) -> list[str]:
+        self._stopped = True
+        self._watch.stop()
+        assert self.error is None, f"the phase watch broke: {self.error!r}"
+        return self.phases
+
+
+#: A request by the reconcilers (urllib3's debug line) or by kopf itself (its patches).
+_REQUEST = re.compile(r'urllib3\.connectionpool: .* "(GET|POST|PUT|PATCH|DELETE) |-patching the \w+ with')
+
+
+def _requests_logged(log: Path) -> int:
+    return len(_REQUEST.findall(log.read_text()))
+
+
+@pytest.mark.torch
+def test_phases_move_forward_and_ttl_deletes_the_job_for_good(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+
+    make_tiny_model(claim_dir / "model")
+    write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    recorder = PhaseRecorder(cluster, namespace, "ttl-lora")
+    _create(cluster, namespace, _finetunejob("ttl-lora", ttlSecondsAfterFinished=1))
+
+    done = wait_for(
+        lambda: _phase_is(cluster, namespace, "ttl-lora", "Succeeded", "Failed"),
+        300,
+        interval=1,
+        description=lambda: (
+            f"ttl-lora to finish: {json.dumps(_get(cluster, namespace, 'ttl-lora').get('status'))}"
+        ),
+    )
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    manifest = claim_dir / "out" / "ttl-lora" / "kubetune.json"
+    written = manifest.stat().st_mtime_ns
+    sha256 = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert done["status"]["result"]["sha256"] == sha256
+
+    # The TTL controller deletes the Job; new generations are reconciled and do not bring it back.
+    wait_for(lambda: _read_job(cluster, namespace, "ttl-lora-train") is None, 120, description="TTL deletion")
+    for suspend in (True, False):
+        generation = _set_suspend(cluster, namespace, "ttl-lora", suspend)
+        wait_for(
+            lambda: _observed(cluster, namespace, "ttl-lora", generation),  # noqa: B023
+            60,
+            description=f"generation {generation} observed",
+        )
+    assert _read_job(cluster, namespace, "ttl-lora-train") is None
+    assert not _batch(cluster).list_namespaced_job(namespace).items
+    after = _get(cluster, namespace, "ttl-lora")["status"]
+    assert after["phase"] == "Succeeded" and after["result"] == done["status"]["result"]
+    assert after["jobName"] == "ttl-lora-train" and after["progress"] == done["status"]["progress"]
+    assert manifest.stat().st_mtime_ns == written
+
+    phases = recorder.stop()
+    assert phases[-1] == "Succeeded" and "Running" in phases, phases
+    ranks = [PHASE_ORDER.index(p) for p in phases]
+    assert ranks == sorted(ranks), f"phases went backwards: {phases}"
+
+
+def test_a_child_of_another_owner_is_not_adopted(
+    cluster: ClusterHandle, namespace: str, operator: Path
+) -> None:
+    leftover = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "orphan-train", "labels": {"kubetune.dev/finetunejob": "orphan"}},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "worker", "image": "busybox", "command": ["true"]}],
+                }
+            },
+        },
+    }
+    batch = _batch(cluster)
+    batch.create_namespaced_job(namespace, leftover)
+    uid = _create(cluster, namespace, _finetunejob("orphan", suspend=True))["metadata"]["uid"]
+
+    blocked = wait_for(
+        lambda: (
+            _condition(_get(cluster, namespace, "orphan"), "Running").get("reason") == "ChildConflict"
+            and _get(cluster, namespace, "orphan")
+        ),
+        60,
+        description=lambda: f"ChildConflict: {json.dumps(_get(cluster, namespace, 'orphan').get('status'))}",
+    )
+    message = _condition(blocked, "Running")["message"]
+    assert "orphan-train" in message and "has no controller" in message, message
+    job = batch.read_namespaced_job("orphan-train", namespace)
+    # Untouched: the Job controller writes its status, the operator nothing at all.
+    assert {entry.manager for entry in job.metadata.managed_fields}.isdisjoint(
+        {"kubetune", "kubetune-suspend"}
+    )
+    assert not job.metadata.owner_references and not (job.metadata.annotations or {})
+
+    # Once the stray Job is gone (its deletion is an event the operator watches), ours is created.
+    batch.delete_namespaced_job("orphan-train", namespace, propagation_policy="Background")
+
+    def ours() -> Any:
+        job = _read_job(cluster, namespace, "orphan-train")
+        owners = (job and job.metadata.owner_references) or []
+        return job if [o.uid for o in owners] == [uid] else None
+
+    assert wait_for(ours, 60, description="the FineTuneJob's own Job").spec.suspend is True
+    wait_for(lambda: _phase_is(cluster, namespace, "orphan", "Suspended"), 60, description="Suspended")
+
+
+def test_serving_children_of_another_owner_are_not_touched(
+    cluster: ClusterHandle, namespace: str, operator: Path
+) -> None:
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    theirs = core.create_namespaced_service(
+        namespace, {"metadata": {"name": "support"}, "spec": {"ports": [{"port": 80}]}}
+    )
+    adep = {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "support"},
+        "spec": {"model": {"uri": "pvc://data/model"}, "adapters": [{"name": "a", "uri": "pvc://data/a"}]},
+    }
+    _objects(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", adep
+    )
+
+    def conflict() -> dict[str, Any] | None:
+        obj = _objects(cluster).get_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", "support"
+        )
+        degraded = _condition(obj, "Degraded")
+        return degraded if degraded.get("reason") == "ChildConflict" else None
+
+    degraded = wait_for(conflict, 60, description="ChildConflict on the AdapterDeployment")
+    assert "Service support" in degraded["message"], degraded
+    assert core.read_namespaced_service("support", namespace).metadata.resource_version == (
+        theirs.metadata.resource_version
+    )
+    assert not client.AppsV1Api(cluster.api_client()).list_namespaced_deployment(namespace).items
+    assert not [
+        c for c in core.list_namespaced_config_map(namespace).items if c.metadata.name == "support-serving"
+    ]
+
+
+def test_queued_job_carries_the_labels_and_its_queue_owns_suspend(
+    cluster: ClusterHandle, namespace: str, operator: Path
+) -> None:
+    _create(cluster, namespace, _finetunejob("queued", suspend=True, podTemplate={"labels": QUEUE_LABELS}))
+    wait_for(lambda: _phase_is(cluster, namespace, "queued", "Suspended"), 60, description="Suspended")
+    job = _read_job(cluster, namespace, "queued-train")
+    assert QUEUE_LABELS.items() <= job.metadata.labels.items()
+    assert job.spec.suspend is True
+
+    # Kueue admits the Job although the FineTuneJob's spec.suspend is still true.
+    _batch(cluster).patch_namespaced_job(
+        "queued-train", namespace, {"spec": {"suspend": False}}, field_manager="kueue-admission"
+    )
+    wait_for(
+        lambda: _condition(_get(cluster, namespace, "queued"), "Suspended").get("status") == "False",
+        60,
+        description="the FineTuneJob to see the admission",
+    )
+    job = _read_job(cluster, namespace, "queued-train")
+    assert job.spec.suspend is False
+    assert "kubetune-suspend" not in {entry.manager for entry in job.metadata.managed_fields}
+
+
+def test_idle_costs_nothing_and_suspend_flips_reach_the_job(
+    cluster: ClusterHandle, namespace: str, operator: Path
+) -> None:
+    _create(cluster, namespace, _finetunejob("held", suspend=True))
+    wait_for(lambda: _phase_is(cluster, namespace, "held", "Suspended"), 60, description="Suspended")
+
+    # Quiet first (kopf's own bookkeeping patches follow the first pass), then a window of several
+    # former resync periods (5 s) without a single request.
+    counts: list[int] = []
+
+    def quiet() -> bool:
+        counts.append(_requests_logged(operator))
+        return len(counts) > 1 and counts[-1] == counts[-2]
+
+    wait_for(quiet, 60, interval=3, description="the operator to go quiet")
+    before = _requests_logged(operator)
+    time.sleep(15)  # an observation window: there is no event to wait for when nothing may happen
+    assert _requests_logged(operator) == before, operator.read_text()[-3000:]
+
+    generation = _set_suspend(cluster, namespace, "held", False)
+    job = wait_for(
+        lambda: (job := _read_job(cluster, namespace, "held-train")) and job.spec.suspend is False and job,
+        60,
+        description="the Job to be resumed",
+    )
+    assert "kubetune-suspend" in {entry.manager for entry in job.metadata.managed_fields}
+    wait_for(lambda: _observed(cluster, namespace, "held", generation), 60, description="observed")
