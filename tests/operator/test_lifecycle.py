@@ -5,6 +5,9 @@ Aspects:
   succeeded, ``ttlSecondsAfterFinished`` deletes the Job for good: new generations (spec.suspend
   flipped both ways) are reconciled without re-creating it, the FineTuneJob stays Succeeded with
   its result, and the artifact is not rewritten;
+- an AdapterDeployment created before the FineTuneJob it serves loads the adapter when the run
+  succeeds, woken by the FineTuneJob's event (there is no resync timer), and then scales through
+  /scale with the new replica loading it too;
 - a Job with the FineTuneJob's name but not its uid (left by an earlier object) is not adopted:
   the Running condition says ChildConflict and the Job is left untouched; once it is gone, the
   operator creates its own;
@@ -217,6 +220,73 @@ def test_phases_move_forward_and_ttl_deletes_the_job_for_good(
     assert phases[-1] == "Succeeded" and "Running" in phases, phases
     ranks = [PHASE_ORDER.index(p) for p in phases]
     assert ranks == sorted(ranks), f"phases went backwards: {phases}"
+
+
+def _adep_status(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
+    obj = _objects(cluster).get_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", name
+    )
+    return dict(obj.get("status") or {})
+
+
+@pytest.mark.torch
+def test_serving_wakes_when_the_run_it_serves_succeeds(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+
+    make_tiny_model(claim_dir / "model")
+    write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    adep = {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "later"},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "adapters": [{"name": "later-v1", "fineTuneJob": "later-lora"}],
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    _objects(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", adep
+    )
+
+    def serving(replicas: int, adapters: str, state: str) -> dict[str, Any] | None:
+        status = _adep_status(cluster, namespace, "later")
+        ready = status.get("readyReplicas") == replicas and status.get("adaptersReady") == adapters
+        return status if ready and status["adapters"][0]["state"] == state else None
+
+    waiting = wait_for(
+        lambda: serving(1, "0/1", "Pending"),
+        240,
+        interval=1,
+        description=lambda: f"the base served: {json.dumps(_adep_status(cluster, namespace, 'later'))}",
+    )
+    assert "later-lora" in waiting["adapters"][0]["message"]
+
+    _create(cluster, namespace, _finetunejob("later-lora"))
+    status = wait_for(
+        lambda: serving(1, "1/1", "Loaded"),
+        400,
+        interval=1,
+        description=lambda: (
+            f"the adapter loaded: {json.dumps(_adep_status(cluster, namespace, 'later'))}; "
+            f"run: {json.dumps(_get(cluster, namespace, 'later-lora').get('status'))}"
+        ),
+    )
+    assert status["adapters"][0]["source"] == "pvc://data/out/later-lora"
+
+    # Scaling is an update of the AdapterDeployment; the new pod's readiness is an event too.
+    _objects(cluster).patch_namespaced_custom_object_scale(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", "later", {"spec": {"replicas": 2}}
+    )
+    status = wait_for(
+        lambda: serving(2, "1/1", "Loaded"),
+        240,
+        interval=1,
+        description=lambda: f"2 replicas: {json.dumps(_adep_status(cluster, namespace, 'later'))}",
+    )
+    assert status["adapters"][0]["loadedReplicas"] == 2
 
 
 def test_a_child_of_another_owner_is_not_adopted(
