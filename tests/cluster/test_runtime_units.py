@@ -148,3 +148,21 @@ def test_process_runtime_needs_a_command(tmp_path: Path) -> None:
     runtime.verify(_run(tmp_path, args=["python", "-c", "pass"]), ImageInfo(), "pod: p")
     with pytest.raises(EnvError, match="no command"):
         runtime.verify(_run(tmp_path), ImageInfo(), "pod: p")
+
+
+def test_projected_token_is_readable_by_the_pods_user_only() -> None:
+    from kubetune.localcluster.nodeagent.volumes import File, _token_file
+
+    def pod(security: dict[str, object], *containers: dict[str, object]) -> dict[str, object]:
+        return {"spec": {"securityContext": security, "containers": list(containers) or [{"name": "a"}]}}
+
+    assert _token_file(pod({}), b"t", 0o644) == File(b"t", 0o644)
+    assert _token_file(pod({"runAsUser": 1000}), b"t", 0o644) == File(b"t", 0o600, 1000, -1)
+    assert _token_file(pod({"runAsUser": 1000, "fsGroup": 2000}), b"t", 0o644) == File(
+        b"t", 0o640, 1000, 2000
+    )
+    # Containers as different users share the token through fsGroup only.
+    mixed = pod(
+        {"fsGroup": 2000}, {"securityContext": {"runAsUser": 1}}, {"securityContext": {"runAsUser": 2}}
+    )
+    assert _token_file(mixed, b"t", None) == File(b"t", 0o640, -1, 2000)

@@ -13,7 +13,7 @@ import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubetune.localcluster.nodeagent.env import EnvError, field_ref, resource_field_ref
 
@@ -36,28 +36,40 @@ class VolumeContext:
         self.claim_dir = claim_dir
 
 
-def _write(path: Path, content: bytes, mode: int | None) -> None:
+class File(NamedTuple):
+    """One file of a volume: contents, mode (None: the volume's default) and owner (-1: root)."""
+
+    content: bytes
+    mode: int | None = None
+    uid: int = -1
+    gid: int = -1
+
+
+def _write(path: Path, file: File, default_mode: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
+    path.write_bytes(file.content)
+    if file.uid != -1 or file.gid != -1:
+        os.chown(path, file.uid, file.gid)
+    mode = file.mode if file.mode is not None else default_mode
     path.chmod(mode if mode is not None else 0o644)
 
 
 def _key_files(
     data: dict[str, bytes], items: list[JSON] | None, optional: bool, what: str
-) -> dict[str, tuple[bytes, int | None]]:
+) -> dict[str, File]:
     if items is None:
-        return {key: (value, None) for key, value in data.items()}
+        return {key: File(value) for key, value in data.items()}
     files = {}
     for item in items:
         if item["key"] not in data:
             if optional:
                 continue
             raise EnvError(f"{what}: key {item['key']} not found")
-        files[item["path"]] = (data[item["key"]], item.get("mode"))
+        files[item["path"]] = File(data[item["key"]], item.get("mode"))
     return files
 
 
-def _object_files(ctx: VolumeContext, kind: str, source: JSON) -> dict[str, tuple[bytes, int | None]]:
+def _object_files(ctx: VolumeContext, kind: str, source: JSON) -> dict[str, File]:
     name = source.get("name") or source.get("secretName") or ""
     optional = bool(source.get("optional", False))
     obj = ctx.get_object(kind, name)
@@ -73,7 +85,7 @@ def _object_files(ctx: VolumeContext, kind: str, source: JSON) -> dict[str, tupl
     return _key_files(data, source.get("items"), optional, f"{kind} {name}")
 
 
-def _downward_files(pod: JSON, items: list[JSON]) -> dict[str, tuple[bytes, int | None]]:
+def _downward_files(pod: JSON, items: list[JSON]) -> dict[str, File]:
     files = {}
     for item in items:
         if "fieldRef" in item:
@@ -85,17 +97,17 @@ def _downward_files(pod: JSON, items: list[JSON]) -> dict[str, tuple[bytes, int 
                 pod["spec"]["containers"][0],
             )
             value = resource_field_ref(container, ref)
-        files[item["path"]] = (value.encode(), item.get("mode"))
+        files[item["path"]] = File(value.encode(), item.get("mode"))
     return files
 
 
-def _projected_files(ctx: VolumeContext, pod: JSON, projected: JSON) -> dict[str, tuple[bytes, int | None]]:
-    files: dict[str, tuple[bytes, int | None]] = {}
+def _projected_files(ctx: VolumeContext, pod: JSON, projected: JSON) -> dict[str, File]:
+    files: dict[str, File] = {}
     for source in projected.get("sources", []):
         if "serviceAccountToken" in source:
             token_source = source["serviceAccountToken"]
             token = ctx.request_token(pod["spec"].get("serviceAccountName", "default"), token_source)
-            files[token_source["path"]] = (token.encode(), 0o600)
+            files[token_source["path"]] = _token_file(pod, token.encode(), projected.get("defaultMode"))
         elif "configMap" in source:
             files.update(_object_files(ctx, "configmap", source["configMap"]))
         elif "secret" in source:
@@ -105,9 +117,28 @@ def _projected_files(ctx: VolumeContext, pod: JSON, projected: JSON) -> dict[str
     return files
 
 
-def _rendered(
-    ctx: VolumeContext, pod: JSON, volume: JSON
-) -> tuple[dict[str, tuple[bytes, int | None]], int | None]:
+def _token_file(pod: JSON, token: bytes, default_mode: int | None) -> File:
+    """kubelet's rule for a projected token: readable by the pod's user (when every container
+    runs as the same one) and group (fsGroup), else the volume's default mode."""
+    spec = pod["spec"]
+    pod_user = (spec.get("securityContext") or {}).get("runAsUser")
+    fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+    users = {
+        (c.get("securityContext") or {}).get("runAsUser", pod_user)
+        for c in spec.get("initContainers", []) + spec["containers"]
+    }
+    fs_user = next(iter(users)) if len(users) == 1 else None
+    if fs_user is None and fs_group is None:
+        return File(token, default_mode)
+    return File(
+        token,
+        0o640 if fs_group is not None else 0o600,
+        fs_user if fs_user is not None else -1,
+        fs_group if fs_group is not None else -1,
+    )
+
+
+def _rendered(ctx: VolumeContext, pod: JSON, volume: JSON) -> tuple[dict[str, File], int | None]:
     """The files a configMap/secret/downwardAPI/projected volume holds, and its default mode."""
     for kind, render in (
         ("configMap", lambda v: _object_files(ctx, "configmap", v)),
@@ -120,19 +151,19 @@ def _rendered(
     raise EnvError(f"volume {volume['name']}: unsupported volume type {sorted(set(volume) - {'name'})}")
 
 
-def _sync_files(target: Path, files: dict[str, tuple[bytes, int | None]], default_mode: int | None) -> None:
+def _sync_files(target: Path, files: dict[str, File], default_mode: int | None) -> None:
     """Make ``target`` hold exactly ``files``. Changed files are replaced by rename, so a
     reader never sees half a file; the directory itself is what is bind-mounted, so the
     container sees the new contents."""
-    for rel, (content, mode) in files.items():
+    for rel, file in files.items():
         path = target / rel
         try:
-            if path.read_bytes() == content:
+            if path.read_bytes() == file.content:
                 continue
         except OSError:
             pass
         tmp = path.with_name(f".{path.name}.tmp")
-        _write(tmp, content, mode if mode is not None else default_mode)
+        _write(tmp, file, default_mode)
         os.replace(tmp, path)
     wanted = {target / rel for rel in files}
     for path in sorted(target.rglob("*"), reverse=True):
