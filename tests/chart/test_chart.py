@@ -61,8 +61,9 @@ ALL_OPTIONS = {
     ],
 }  # fmt: skip
 
-#: What the operator calls, verb by verb: kopf's watches and annotation patches, the reconcilers'
-#: reads, creates, patches and replacements (kubetune/operator/reconcile.py, serving_reconcile.py).
+#: What the operator calls, verb by verb: kopf's watches, indexes and annotation patches; the
+#: reconcilers' reads, status patches and server-side applies, which need create to create
+#: (kubetune/operator/kube.py, reconcile.py, serving_reconcile.py).
 OPERATOR_NEEDS: dict[tuple[str, str], set[str]] = {
     ("kubetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.dev", "adapterdeployments"): {"get", "list", "watch", "patch"},
@@ -72,8 +73,8 @@ OPERATOR_NEEDS: dict[tuple[str, str], set[str]] = {
     ("kubetune.dev", "adapterdeployments/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
     ("apps", "deployments"): {"get", "create", "patch"},
-    ("", "configmaps"): {"create", "update"},
-    ("", "services"): {"create"},
+    ("", "configmaps"): {"get", "create", "patch"},
+    ("", "services"): {"get", "create", "patch"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

@@ -84,22 +84,18 @@ kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with 
 - apiGroups: [kubetune.dev]
   resources: [finetunejobs/finalizers, adapterdeployments/finalizers]
   verbs: [update]
-# A FineTuneJob's worker Job (kopf watches it; the reconciler reads, creates and (un)suspends it)
-# and its plan ConfigMap (created once).
+# Children, written with server-side apply (patch; creating one through apply needs create too)
+# after reading the current one: a FineTuneJob's worker Job (kopf also watches it) and plan
+# ConfigMap; an AdapterDeployment's Deployment, serving-plan ConfigMap and Service.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch]
-# An AdapterDeployment's Deployment (read, created, patched), its serving-plan ConfigMap (replaced
-# when adapters change) and its Service (created once).
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, create, patch]
 - apiGroups: [""]
-  resources: [configmaps]
-  verbs: [create, update]
-- apiGroups: [""]
-  resources: [services]
-  verbs: [create]
+  resources: [configmaps, services]
+  verbs: [get, create, patch]
 # Worker and serving pods: kopf watches them, the reconcilers list them (ready pods are then called
 # over HTTP, which needs no RBAC).
 - apiGroups: [""]
