@@ -106,6 +106,9 @@ def make_tiny_model(
         _pretrain(model, tokenizer, pretrain_steps, seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    # safetensors writes its file 0600; the workers that read the model run as another user.
+    for path in directory.iterdir():
+        path.chmod(0o644)
     return directory
 
 
