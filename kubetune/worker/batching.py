@@ -214,8 +214,9 @@ class Batcher:
 
     ``max_batch_size``: sequences (choices) per ``generate`` call, default 16. ``max_queue``: requests
     waiting beyond the running batch before :class:`QueueFull` (429), default 256. ``max_wait_s``:
-    how long a batch may wait for as many sequences as the previous batch had, default 10 ms (a
-    lone client pays no wait; clients that come back together are served together).
+    how long a batch may wait for the demand seen when the previous one ended (its sequences plus
+    those queued then), default 100 ms and never more than a quarter of the previous batch's
+    duration: clients that come back together are served together, and a lone client pays no wait.
     """
 
     def __init__(
@@ -224,7 +225,7 @@ class Batcher:
         *,
         max_batch_size: int = 16,
         max_queue: int = 256,
-        max_wait_s: float = 0.010,
+        max_wait_s: float = 0.100,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
@@ -235,6 +236,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._running = False
         self._last_batch_rows = 0
+        self._demand = 0  # sequences of the last batch plus those queued when it ended
+        self._last_batch_seconds = 0.0
         self.batches = 0  # generate calls made, for metrics and tests
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         #: Called after every generate with (sequences, seconds, group), e.g. to feed metrics.
@@ -285,16 +288,27 @@ class Batcher:
                 self._cond.wait()
             if not self._running:
                 return []
-            # Wait for as many sequences as the previous batch had (closed-loop clients come back
-            # together), never longer than max_wait_s; a lone client never waits.
-            target = min(self.max_batch_size, self._last_batch_rows)
-            if target > 1 and self.max_wait_s > 0:
-                deadline = time.monotonic() + self.max_wait_s
+            # Wait for the demand seen when the previous batch ended (its clients, which tend to come
+            # back at once, plus those already waiting), never longer than max_wait_s: without it
+            # 8 clients settle into two alternating batches of 4. A lone client never waits.
+            # The wait is also at most a quarter of the previous batch's duration: worth it to grow
+            # a batch, never a large share of a request's latency.
+            target = min(self.max_batch_size, self._demand)
+            wait = min(self.max_wait_s, self._last_batch_seconds / 4)
+            if target > 1 and wait > 0:
+                deadline = time.monotonic() + wait
                 while self._running and sum(r.n for r in self._queue) < target:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                logger.debug(
+                    "batch: waited %.1f ms of %.1f for %d sequences, %d queued",
+                    1000 * (time.monotonic() - deadline + wait),
+                    1000 * wait,
+                    target,
+                    sum(r.n for r in self._queue),
+                )
             taken: list[GenerationRequest] = []
             rows = 0
             while self._queue and rows + self._queue[0].n <= self.max_batch_size:
@@ -321,8 +335,12 @@ class Batcher:
                     request.emit("error", exc)
                     continue
                 groups.setdefault(key, []).append(request)
+            started = time.monotonic()
             for key, members in groups.items():
                 self._run(key, members)
+            with self._cond:
+                self._last_batch_seconds = time.monotonic() - started
+                self._demand = self._last_batch_rows + sum(r.n for r in self._queue)
 
     def _run(self, key: Hashable, requests: list[GenerationRequest]) -> None:
         server = self.server

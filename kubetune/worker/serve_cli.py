@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=10.0,
-        help="how long a batch may wait for as many requests as the previous batch had (default 10 ms)",
+        default=100.0,
+        help="how long a batch may wait for the requests of the previous batch to come back; at most a "
+        "quarter of that batch's duration (default 100 ms)",
     )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
