@@ -80,6 +80,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo["api_client"] = client.ApiClient()
     # FineTuneJob name -> what an AdapterDeployment cares about, last time it was seen.
     memo.setdefault("artifacts", {})
+    # Worker Job or pod uid -> what the FineTuneJob's status read from it at the last pass.
+    memo.setdefault("children_seen", {})
 
 
 def _retrying(attempt: Callable[[], object], what: str) -> None:
@@ -113,8 +115,14 @@ def finetunejob_resumed(
 
 
 @kopf.on.create(*FTJ)
+def finetunejob_created(memo: Any, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+    assert namespace is not None, "FineTuneJobs are namespaced"
+    # A new object has no status to go stale: the body kopf just saw saves a read.
+    reconcile(memo["api_client"], namespace, name, memo["config"], body=dict(body))
+
+
 @kopf.on.update(*FTJ, field="spec.suspend")  # the rest of the spec is immutable
-def finetunejob_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+def finetunejob_suspend_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(memo, namespace, name)
 
 
@@ -129,11 +137,22 @@ def finetunejob_progress(memo: Any, namespace: str | None, name: str, **_: Any) 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def worker_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
-    if not type:  # the initial listing: the FineTuneJob's own resume handler covers it
+def worker_changed(
+    memo: Any, namespace: str | None, labels: kopf.Labels, type: str, body: kopf.Body, uid: str, **_: Any
+) -> None:
+    seen: dict[str, tuple[Any, ...]] = memo["children_seen"]
+    fingerprint = ftj_status.child_fingerprint(dict(body))
+    if type == "DELETED":
+        seen.pop(uid, None)
+    elif seen.get(uid) == fingerprint:
+        return  # nothing the FineTuneJob's status reads has changed
+    elif not type:  # the initial listing: the FineTuneJob's own resume handler covers it
+        seen[uid] = fingerprint
         return
     owner = labels[LABEL_FINETUNEJOB]
     _retrying(lambda: _reconcile(memo, namespace, owner), f"FineTuneJob {namespace}/{owner}")
+    if type != "DELETED":
+        seen[uid] = fingerprint  # only after a pass that worked: a failed one is retried next event
 
 
 # -- AdapterDeployment -------------------------------------------------------------------------------

@@ -110,20 +110,37 @@ def _api(api_client: Any, kind: str) -> tuple[Any, str]:
     return getattr(client, api_class)(api_client), resource
 
 
+def _wire(method: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Call a client method and return the JSON it got: the pass works on wire (camelCase) dicts,
+    and skipping the client's typed models and their serialisation back roughly halves its CPU."""
+    response = method(*args, _preload_content=False, **kwargs)
+    wire: dict[str, Any] = json.loads(response.data)
+    return wire
+
+
 def read(api_client: Any, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
     """A namespaced object in wire (camelCase) form, or None when it does not exist."""
     from kubernetes.client.rest import ApiException
 
     api, resource = _api(api_client, kind)
     try:
-        obj = getattr(api, f"read_namespaced_{resource}")(name, namespace)
+        wire = _wire(getattr(api, f"read_namespaced_{resource}"), name, namespace)
     except ApiException as error:
         if error.status == 404:
             return None
         raise
-    wire: dict[str, Any] = api_client.sanitize_for_serialization(obj)
     wire.setdefault("kind", kind)
     return wire
+
+
+def list_pods(api_client: Any, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    """Pods matching a label selector, in wire form."""
+    from kubernetes import client
+
+    pods: list[dict[str, Any]] = _wire(
+        client.CoreV1Api(api_client).list_namespaced_pod, namespace, label_selector=label_selector
+    )["items"]
+    return pods
 
 
 def apply(api_client: Any, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
@@ -134,7 +151,8 @@ def apply(api_client: Any, manifest: dict[str, Any], field_manager: str = FIELD_
     """
     api, resource = _api(api_client, manifest["kind"])
     meta = manifest["metadata"]
-    obj = getattr(api, f"patch_namespaced_{resource}")(
+    return _wire(
+        getattr(api, f"patch_namespaced_{resource}"),
         meta["name"],
         meta["namespace"],
         manifest,
@@ -142,8 +160,6 @@ def apply(api_client: Any, manifest: dict[str, Any], field_manager: str = FIELD_
         force=True,
         _content_type=APPLY_PATCH,
     )
-    wire: dict[str, Any] = api_client.sanitize_for_serialization(obj)
-    return wire
 
 
 def apply_if_changed(

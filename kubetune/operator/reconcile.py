@@ -118,15 +118,21 @@ def ensure_worker(
     return worker, None
 
 
-def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig) -> dict[str, Any] | None:
-    """Bring one FineTuneJob's children and status in line; returns the status written (or None)."""
+def reconcile(
+    api_client: Any, namespace: str, name: str, config: OperatorConfig, body: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Bring one FineTuneJob's children and status in line; returns the status written (or None).
+
+    ``body``: the object as just seen, when the caller knows it has no status worth re-reading (at
+    creation); otherwise the pass reads it, since whether the run ended must not come from a stale
+    copy.
+    """
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api_client)
-    core = client.CoreV1Api(api_client)
 
     with kube.serialised(PLURAL, namespace, name):
-        obj = kube.get_custom_object(custom, PLURAL, namespace, name)
+        obj = body if body is not None else kube.get_custom_object(custom, PLURAL, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None  # owner references garbage-collect the children
         previous = obj.get("status") or {}
@@ -150,11 +156,7 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
         if worker is not None and _may_have_pods(worker):
             # By the Job's uid: pods of an earlier Job of the same name are not this run's.
             uid = worker["metadata"]["uid"]
-            pods = api_client.sanitize_for_serialization(
-                core.list_namespaced_pod(
-                    namespace, label_selector=f"batch.kubernetes.io/controller-uid={uid}"
-                )
-            )["items"]
+            pods = kube.list_pods(api_client, namespace, f"batch.kubernetes.io/controller-uid={uid}")
             running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
             if running:
                 progress = _fetch_progress(running[0], config.progress_timeout_s)

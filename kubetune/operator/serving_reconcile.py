@@ -119,7 +119,6 @@ def reconcile_adapterdeployment(
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api_client)
-    core = client.CoreV1Api(api_client)
 
     with kube.serialised(PLURAL, namespace, name):
         obj = kube.get_custom_object(custom, PLURAL, namespace, name)
@@ -168,9 +167,7 @@ def reconcile_adapterdeployment(
         for current, desired_child in zip(existing, children, strict=True):
             kube.apply_if_changed(api_client, current, desired_child)
 
-        pods = api_client.sanitize_for_serialization(
-            core.list_namespaced_pod(namespace, label_selector=serving.selector_string(adep))
-        )["items"]
+        pods = kube.list_pods(api_client, namespace, serving.selector_string(adep))
         ready_pods = [
             p
             for p in pods

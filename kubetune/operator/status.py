@@ -55,9 +55,43 @@ def _job_condition(job: dict[str, Any] | None, *kinds: str) -> dict[str, Any] | 
     return None
 
 
+def child_fingerprint(child: dict[str, Any]) -> tuple[Any, ...]:
+    """What a status derivation reads from a worker Job or pod: an event that leaves it unchanged
+    (the Job controller's own Suspended condition, a pod's scheduling, a kubelet heartbeat) cannot
+    change the FineTuneJob's status, so it need not trigger a pass."""
+    meta, spec, observed = child.get("metadata") or {}, child.get("spec") or {}, child.get("status") or {}
+    conditions = tuple(
+        sorted(
+            c.get("type", "")
+            for c in observed.get("conditions") or []
+            if c.get("status") == "True" and c.get("type") in _JOB_ENDINGS
+        )
+    )
+    containers = tuple(
+        (s.get("name"), tuple(sorted((s.get("state") or {}).keys())), s.get("restartCount"))
+        for s in observed.get("containerStatuses") or []
+    )
+    counts = tuple(observed.get(k) for k in ("active", "ready", "succeeded", "failed", "terminating"))
+    return (
+        meta.get("uid"),
+        bool(meta.get("deletionTimestamp")),
+        spec.get("suspend"),
+        observed.get("phase"),
+        observed.get("podIP"),
+        observed.get("startTime"),
+        observed.get("completionTime"),
+        conditions,
+        containers,
+        counts,
+    )
+
+
+_JOB_ENDINGS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
 def job_ended(job: dict[str, Any] | None) -> bool:
     """Whether a Job has finished or is bound to (its terminal conditions, or their forerunners)."""
-    return _job_condition(job, "Complete", "SuccessCriteriaMet", "Failed", "FailureTarget") is not None
+    return _job_condition(job, *_JOB_ENDINGS) is not None
 
 
 def _started(pods: list[dict[str, Any]]) -> bool:

@@ -11,7 +11,8 @@ Aspects:
   exited, SuccessCriteriaMet, Complete, Job deleted by its TTL): no Pending between Running and
   Succeeded, and the end (with its result) outlives the Job;
 - whether the run is held follows the Job's spec.suspend (Kueue's, for a queued Job), and a child
-  owned by someone else is reported as ChildConflict.
+  owned by someone else is reported as ChildConflict;
+- a child's fingerprint changes exactly when something the status reads from it changes.
 """
 
 from __future__ import annotations
@@ -228,3 +229,12 @@ def test_training_means_a_running_worker() -> None:
     assert status.training(_status(Observed(job=_job(), pods=[_pod("Running")])))
     assert not status.training(_status(Observed(job=_job(), pods=[_pod("Pending")])))
     assert not status.training(None) and not status.finished(None)
+
+
+def test_child_fingerprint_ignores_what_status_does_not_read() -> None:
+    job = {**_job(suspend=True), "metadata": {"name": "j", "uid": "u"}}
+    held = {**job, "status": {**job["status"], "conditions": [{"type": "Suspended", "status": "True"}]}}
+    assert status.child_fingerprint(job) == status.child_fingerprint(held)
+    assert status.child_fingerprint(job) != status.child_fingerprint(_job("SuccessCriteriaMet", suspend=True))
+    assert status.child_fingerprint(_pod("Pending")) != status.child_fingerprint(_pod("Running"))
+    assert status.child_fingerprint(_pod("Running")) != status.child_fingerprint(_pod("Running", exit_code=0))
