@@ -114,15 +114,12 @@ def finetunejob_resumed(
     _reconcile(memo, namespace, name)
 
 
+# Every pass reads the object rather than use kopf's body: under load kopf may run the creation
+# handler again from an event older than the pass's own status write, and whether the run has ended
+# must not come from such a copy (a Job deleted by its TTL would be created again).
 @kopf.on.create(*FTJ)
-def finetunejob_created(memo: Any, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-    assert namespace is not None, "FineTuneJobs are namespaced"
-    # A new object has no status to go stale: the body kopf just saw saves a read.
-    reconcile(memo["api_client"], namespace, name, memo["config"], body=dict(body))
-
-
 @kopf.on.update(*FTJ, field="spec.suspend")  # the rest of the spec is immutable
-def finetunejob_suspend_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+def finetunejob_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
     _reconcile(memo, namespace, name)
 
 

@@ -118,21 +118,14 @@ def ensure_worker(
     return worker, None
 
 
-def reconcile(
-    api_client: Any, namespace: str, name: str, config: OperatorConfig, body: dict[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """Bring one FineTuneJob's children and status in line; returns the status written (or None).
-
-    ``body``: the object as just seen, when the caller knows it has no status worth re-reading (at
-    creation); otherwise the pass reads it, since whether the run ended must not come from a stale
-    copy.
-    """
+def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig) -> dict[str, Any] | None:
+    """Bring one FineTuneJob's children and status in line; returns the status written (or None)."""
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api_client)
 
     with kube.serialised(PLURAL, namespace, name):
-        obj = body if body is not None else kube.get_custom_object(custom, PLURAL, namespace, name)
+        obj = kube.get_custom_object(custom, PLURAL, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return None  # owner references garbage-collect the children
         previous = obj.get("status") or {}

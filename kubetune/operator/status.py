@@ -71,7 +71,8 @@ def child_fingerprint(child: dict[str, Any]) -> tuple[Any, ...]:
         (s.get("name"), tuple(sorted((s.get("state") or {}).keys())), s.get("restartCount"))
         for s in observed.get("containerStatuses") or []
     )
-    counts = tuple(observed.get(k) for k in ("active", "ready", "succeeded", "failed", "terminating"))
+    # Absent and 0 are the same count (the Job controller fills them in on its first write).
+    counts = tuple(observed.get(k) or 0 for k in ("active", "ready", "succeeded", "failed", "terminating"))
     return (
         meta.get("uid"),
         bool(meta.get("deletionTimestamp")),
