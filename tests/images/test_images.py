@@ -9,8 +9,8 @@ Aspects:
   them, and ``python -m kubetune --help`` works;
 - the root filesystem is read-only: writing to / fails, /tmp (a volume in a pod) works;
 - the operator image holds no torch, triton or CUDA libraries;
-- the worker imports torch, transformers, peft and bitsandbytes and runs a LoRA forward and
-  backward step with the root read-only, caches and scratch under /tmp.
+- the worker imports torch, transformers, peft, bitsandbytes and the training and serving modules,
+  and runs LoRA training steps with the root read-only, caches and scratch under /tmp.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def test_operator_image_holds_no_torch(images: dict[str, str], run_in: RunIn) ->
 
 
 WORKER_STEP = """
-import os, time, torch, transformers, peft, bitsandbytes
+import os, torch, transformers, peft, bitsandbytes
+import kubetune.worker.engine, kubetune.worker.api_server  # what `kubetune train` and `serve` load
 from transformers import LlamaConfig, LlamaForCausalLM
 assert not torch.cuda.is_available()
 torch.manual_seed(0)
