@@ -334,14 +334,35 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def per_repeat_ratios(runs: list[dict[str, Any]], side: str, mode: str, over: str, key: str) -> list[float]:
+    """``mode`` / ``over`` within each repeat of ``side``: the two ran minutes apart at most, so these
+    ratios are less exposed to a shared machine's swings than the ratio of medians."""
+    found = {(r["mode"], r["repeat"]): r[key] for r in runs if r["side"] == side}
+    repeats = sorted({r["repeat"] for r in runs})
+    return [
+        round(found[(mode, k)] / found[(over, k)], 2)
+        for k in repeats
+        if (mode, k) in found and (over, k) in found and found[(over, k)]
+    ]
+
+
 def render_markdown(document: dict[str, Any]) -> str:
     s, env, rows = document["settings"], document["environment"], document["summary"]
     by = {(r["side"], r["mode"]): r for r in rows}
+    runs = document["runs"]
+
+    def repeats(side: str, mode: str, over: str, key: str) -> str:
+        return ", ".join(str(v) for v in per_repeat_ratios(runs, side, mode, over, key))
+
+    concurrency = (MODES[1], MODES[0], "requests_per_second")
+    mixing = (MODES[2], MODES[1], "tokens_per_second")
     headline = [
         (
             "8 concurrent clients vs sequential (1 adapter), requests/s",
             by[(KUBETUNE, MODES[1])]["vs_sequential"],
+            repeats(KUBETUNE, *concurrency),
             by[(BASELINE, MODES[1])]["vs_sequential"],
+            repeats(BASELINE, *concurrency),
             ">= 4",
         ),
         (
@@ -349,9 +370,11 @@ def render_markdown(document: dict[str, Any]) -> str:
             ratio(
                 by[(KUBETUNE, MODES[2])]["tokens_per_second"], by[(KUBETUNE, MODES[1])]["tokens_per_second"]
             ),
+            repeats(KUBETUNE, *mixing),
             ratio(
                 by[(BASELINE, MODES[2])]["tokens_per_second"], by[(BASELINE, MODES[1])]["tokens_per_second"]
             ),
+            repeats(BASELINE, *mixing),
             ">= 0.8",
         ),
     ]
@@ -365,7 +388,19 @@ def render_markdown(document: dict[str, Any]) -> str:
         f"Commit `{env['git_commit']}`, {env['cpus_available']} CPUs available"
         f"{', GPU ' + env['cuda'] if env['cuda'] else ', no GPU'}, measured {env['measured_at']}.\n",
         "## Ratios\n",
-        markdown_table(["ratio", KUBETUNE, BASELINE, "target (kubetune)"], headline),
+        "Ratios of medians, and the same ratio within each repeat (the two runs of a repeat are "
+        "minutes apart at most).\n",
+        markdown_table(
+            [
+                "ratio",
+                KUBETUNE,
+                f"{KUBETUNE} per repeat",
+                BASELINE,
+                f"{BASELINE} per repeat",
+                "target (kubetune)",
+            ],
+            headline,
+        ),
         "## Throughput\n",
         markdown_table(
             [
