@@ -2,10 +2,11 @@
 
 ``ModelServer`` holds the base model once and the adapters loaded onto it. LoRA adapters (the common
 case, including QLoRA's) share a single PEFT wrapper over the base, and requests for different LoRA
-adapters and the base run in one batch through PEFT's mixed-adapter inference (``adapter_names=``);
-DoRA adapters, which PEFT cannot mix, and adapters of other kinds (IA3, prefix, bottleneck, full,
-each with its own model instance, a documented cost of this runtime) batch per adapter. The batching
-itself lives in :mod:`kubetune.worker.batching`.
+adapters and the base run in one batch: through :class:`StackedLora` (every adapter's LoRA weights
+stacked per layer, two batched matmuls) or, for adapters it does not cover, PEFT's mixed-adapter
+inference (``adapter_names=``). DoRA adapters, which PEFT cannot mix, and adapters of other kinds
+(IA3, prefix, bottleneck, full, each with its own model instance, a documented cost of this runtime)
+batch per adapter. The batching itself lives in :mod:`kubetune.worker.batching`.
 
 Adapters are verified before they serve: the artifact's ``kubetune.json`` must be complete, every file
 must match its recorded sha256, the manifest itself must match the sha256 the caller recorded (a
