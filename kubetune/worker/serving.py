@@ -217,7 +217,7 @@ class StackedLora:
     r_max]`` with the scaling folded into ``B``; index 0 (the base) and adapters that skip a layer are
     zeros, smaller ranks are zero-padded. A mixed batch then runs the LoRA layers with the adapters
     switched off and a forward hook adds ``B[row] @ A[row] @ x`` with two batched matmuls per layer,
-    where PEFT's ``adapter_names`` path loops over the adapters in Python (about 4x slower with 8
+    where PEFT's ``adapter_names`` path loops over the adapters in Python (about 3x slower with 8
     adapters on a small model). Costs one more copy of the adapters' LoRA weights.
 
     :meth:`build` returns None when some adapter needs PEFT's own path (a LoRA variant such as DoRA,
