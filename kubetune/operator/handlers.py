@@ -24,7 +24,7 @@ import kopf
 from kubetune.api import v1alpha1
 from kubetune.operator import kube
 from kubetune.operator import status as ftj_status
-from kubetune.operator.builders import LABEL_FINETUNEJOB
+from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
 from kubetune.operator.reconcile import PLURAL, OperatorConfig, reconcile
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
@@ -64,6 +64,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # A failed create/resume/update handler is retried after 10 s, not kopf's 60 s: nothing periodic
     # would repair what it missed.
     settings.execution.default_backoff = 10
+    # Watch only our own Jobs and pods, filtered by the apiserver: kopf's label filters on the
+    # handlers are applied client-side, after every pod of the watched namespaces was streamed.
+    settings.watching.label_selectors["batch", "jobs"] = LABEL_FINETUNEJOB
+    settings.watching.label_selectors["", "pods"] = f"{LABEL_MANAGED_BY}=kubetune"
     # Reconciles do blocking I/O in kopf's thread pool; bound it for small operator pods. Passes are
     # short and event-driven, so 8 threads keep up with thousands of objects.
     settings.execution.max_workers = 8

@@ -214,7 +214,12 @@ def deployment(
         service_account=settings.server_service_account,
         image_pull_secrets=settings.image_pull_secrets,
     )
-    labels = {**(overrides.labels if overrides and overrides.labels else {}), **selector_labels(adep)}
+    labels = {
+        **(overrides.labels if overrides and overrides.labels else {}),
+        **selector_labels(adep),
+        # The operator's pod watch selects on it (server-side), for worker and serving pods alike.
+        LABEL_MANAGED_BY: "kubetune",
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

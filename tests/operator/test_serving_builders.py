@@ -5,7 +5,8 @@ Aspects:
   the serving plan, and routes keep only servable backends;
 - the base model's API name never collides with an adapter or route;
 - the Deployment mounts every claim read-only, probes /health, runs non-root, and changes its pod
-  template on adapter changes only under updateStrategy Rolling;
+  template on adapter changes only under updateStrategy Rolling; its pods carry the managed-by label
+  the operator's pod watch selects on;
 - per-adapter states and conditions from what ready pods report; unsupported options are named.
 """
 
@@ -63,6 +64,8 @@ def test_deployment_and_service() -> None:
     manifest = serving.deployment(adep, plan, WorkerSettings(image="example/kt:1"), ["adapters"])
     spec = manifest["spec"]
     assert spec["replicas"] == 3 and spec["selector"]["matchLabels"] == serving.selector_labels(adep)
+    # The operator's pod watch selects on managed-by, server-side.
+    assert spec["template"]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"][-2:] == ["--plan", "/etc/kubetune/serving.json"]
