@@ -5,6 +5,7 @@ has the images loaded.
 Fixtures:
 * ``cluster`` (session): overrides the process-runtime cluster of the other suites.
 * ``images`` (session): the refs ``make images`` built, from ``_out/images.env``.
+* ``operator_args``: the shared ``operator`` fixture's workers run from the worker image.
 * ``base_image`` (session): the images' Debian base (python3, root user), for runtime tests.
 """
 
@@ -44,6 +45,12 @@ def images() -> BuiltImages:
     except KeyError as exc:
         _missing(f"{env_file} names no {exc.args[0]}")
     raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def operator_args(images: BuiltImages) -> list[str]:
+    """The local-process operator (tests/fixtures.py) starts workers from the worker image."""
+    return ["--worker-image", images.worker]
 
 
 @pytest.fixture(scope="session")

@@ -21,87 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kubetune.api import crdgen, v1alpha1
+from kubetune.api import v1alpha1
 from kubetune.localcluster.testing import BuiltImages, ClusterHandle, wait_for
+from tests.fixtures import create_finetunejob, finetunejob, get_finetunejob, phase_is
 
 pytestmark = [pytest.mark.cluster, pytest.mark.torch]
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: ClusterHandle) -> None:
-    crdgen.apply(cluster.api_client())
-
-
-@pytest.fixture
-def operator(
-    cluster: ClusterHandle, namespace: str, crds: None, images: BuiltImages, tmp_path: Path
-) -> Iterator[Path]:
-    """`kubetune operator` as a local process (its log is read by the test), workers from the image."""
-    log = tmp_path / "operator.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kubetune",
-                "operator",
-                "--namespace",
-                namespace,
-                "--liveness",
-                "",
-                "--worker-image",
-                images.worker,
-            ],
-            env=cluster.env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    text = log.read_text()
-    assert "Traceback" not in text, text[-4000:]
-
-
-@pytest.fixture
-def claim_dir(cluster: ClusterHandle, namespace: str) -> Path:
-    """A bound PersistentVolumeClaim "data"; returns its directory on this host."""
-    from kubernetes import client
-
-    if not cluster.is_local:
-        # kind binds claims only when a pod uses them, and their paths live in the node container.
-        pytest.skip("the test writes the claim's data from the host: embedded local cluster only")
-
-    core = client.CoreV1Api(cluster.api_client())
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "metadata": {"name": "data"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-        },
-    )
-
-    def bound_volume() -> str | None:
-        pvc = core.read_namespaced_persistent_volume_claim("data", namespace)
-        return pvc.spec.volume_name if pvc.status.phase == "Bound" else None  # type: ignore[union-attr]
-
-    volume = wait_for(bound_volume, 60, description="claim data to bind")
-    path = Path(core.read_persistent_volume(volume).spec.host_path.path)  # type: ignore[union-attr]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kubetune"
@@ -125,53 +55,6 @@ def operator_release(
         cluster.helm("uninstall", release, "--namespace", namespace, check=False)
 
 
-def _finetunejob(name: str, dataset: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": v1alpha1.API_VERSION,
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "pvc://data/model"},
-            "dataset": {"uri": f"pvc://data/{dataset}", "evalFraction": 0.1},
-            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
-            "training": {
-                "maxSteps": 6,
-                "batchSize": 4,
-                "maxSeqLength": 64,
-                "learningRate": 0.01,
-                "checkpointEverySteps": 3,
-            },
-            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
-            "output": {"uri": f"pvc://data/out/{name}"},
-            "backoffLimit": 2,
-            **spec,
-        },
-    }
-
-
-def _get(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
-    from kubernetes import client
-
-    objects = client.CustomObjectsApi(cluster.api_client())
-    result: dict[str, Any] = objects.get_namespaced_custom_object(
-        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", name
-    )
-    return result
-
-
-def _create(cluster: ClusterHandle, namespace: str, body: dict[str, Any]) -> None:
-    from kubernetes import client
-
-    client.CustomObjectsApi(cluster.api_client()).create_namespaced_custom_object(
-        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", body
-    )
-
-
-def _phase_is(cluster: ClusterHandle, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:
-    obj = _get(cluster, namespace, name)
-    return obj if (obj.get("status") or {}).get("phase") in phases else None
-
-
 def test_helm_installed_operator_trains_and_publishes(
     cluster: ClusterHandle, namespace: str, operator_release: str, claim_dir: Path
 ) -> None:
@@ -189,14 +72,15 @@ def test_helm_installed_operator_trains_and_publishes(
 
     make_tiny_model(claim_dir / "model")
     write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
-    _create(cluster, namespace, _finetunejob("tiny-lora", "train.jsonl"))
+    create_finetunejob(cluster, namespace, finetunejob("tiny-lora", "train.jsonl"))
 
     done = wait_for(
-        lambda: _phase_is(cluster, namespace, "tiny-lora", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, "tiny-lora", "Succeeded", "Failed"),
         300,
         interval=1,
         description=lambda: (
-            f"tiny-lora to finish; status: {json.dumps(_get(cluster, namespace, 'tiny-lora').get('status'))}"
+            "tiny-lora to finish; status: "
+            + json.dumps(get_finetunejob(cluster, namespace, "tiny-lora").get("status"))
         ),
     )
     status = done["status"]
@@ -372,10 +256,10 @@ def test_bad_dataset_fails_with_the_workers_reason(
 
     (claim_dir / "model").mkdir()
     (claim_dir / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"\n')
-    _create(cluster, namespace, _finetunejob("bad-data", "bad.jsonl"))
+    create_finetunejob(cluster, namespace, finetunejob("bad-data", "bad.jsonl"))
 
     done = wait_for(
-        lambda: _phase_is(cluster, namespace, "bad-data", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, "bad-data", "Succeeded", "Failed"),
         240,
         interval=1,
         description="bad-data to finish",
@@ -392,9 +276,9 @@ def test_bad_dataset_fails_with_the_workers_reason(
 def test_suspended_job_runs_nothing(cluster: ClusterHandle, namespace: str, operator: Path) -> None:
     from kubernetes import client
 
-    _create(cluster, namespace, _finetunejob("held", "train.jsonl", suspend=True))
+    create_finetunejob(cluster, namespace, finetunejob("held", "train.jsonl", suspend=True))
     wait_for(
-        lambda: _phase_is(cluster, namespace, "held", "Suspended"), 60, interval=0.5, description="Suspended"
+        lambda: phase_is(cluster, namespace, "held", "Suspended"), 60, interval=0.5, description="Suspended"
     )
     job = client.BatchV1Api(cluster.api_client()).read_namespaced_job("held-train", namespace)
     assert job.spec.suspend is True  # type: ignore[union-attr]
@@ -410,15 +294,16 @@ def test_worker_over_its_memory_limit_is_out_of_memory(
 
     make_tiny_model(claim_dir / "model")
     write_records(claim_dir / "train.jsonl", task_records(20, fmt="completion"))
-    job = _finetunejob("starved", "train.jsonl", backoffLimit=0)
+    job = finetunejob("starved", "train.jsonl", backoffLimit=0)
     job["spec"]["resources"]["memory"] = "160Mi"
-    _create(cluster, namespace, job)
+    create_finetunejob(cluster, namespace, job)
     done = wait_for(
-        lambda: _phase_is(cluster, namespace, "starved", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, "starved", "Succeeded", "Failed"),
         240,
         interval=1,
         description=lambda: (
-            f"starved to fail; status: {json.dumps(_get(cluster, namespace, 'starved').get('status'))}"
+            "starved to fail; status: "
+            + json.dumps(get_finetunejob(cluster, namespace, "starved").get("status"))
         ),
     )
     failed = next(c for c in done["status"]["conditions"] if c["type"] == "Failed")

@@ -33,35 +33,12 @@ import pytest
 
 from kubetune.api import v1alpha1
 from kubetune.localcluster.testing import ClusterHandle, wait_for
+from tests.fixtures import create_finetunejob, finetunejob, get_finetunejob, phase_is
 
 pytestmark = [pytest.mark.cluster]
 
 PHASE_ORDER = ("Pending", "Running", "Succeeded")
 QUEUE_LABELS = {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "low"}
-
-
-def _finetunejob(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": v1alpha1.API_VERSION,
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"uri": "pvc://data/model"},
-            "dataset": {"uri": "pvc://data/train.jsonl", "evalFraction": 0.1},
-            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
-            "training": {
-                "maxSteps": 6,
-                "batchSize": 4,
-                "maxSeqLength": 64,
-                "learningRate": 0.01,
-                "checkpointEverySteps": 3,
-            },
-            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
-            "output": {"uri": f"pvc://data/out/{name}"},
-            "backoffLimit": 2,
-            **spec,
-        },
-    }
 
 
 def _objects(cluster: ClusterHandle) -> Any:
@@ -74,20 +51,6 @@ def _batch(cluster: ClusterHandle) -> Any:
     from kubernetes import client
 
     return client.BatchV1Api(cluster.api_client())
-
-
-def _get(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
-    result: dict[str, Any] = _objects(cluster).get_namespaced_custom_object(
-        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", name
-    )
-    return result
-
-
-def _create(cluster: ClusterHandle, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-    created: dict[str, Any] = _objects(cluster).create_namespaced_custom_object(
-        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "finetunejobs", body
-    )
-    return created
 
 
 def _set_suspend(cluster: ClusterHandle, namespace: str, name: str, suspend: bool) -> int:
@@ -105,13 +68,8 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
-def _phase_is(cluster: ClusterHandle, namespace: str, name: str, *phases: str) -> dict[str, Any] | None:
-    obj = _get(cluster, namespace, name)
-    return obj if (obj.get("status") or {}).get("phase") in phases else None
-
-
 def _observed(cluster: ClusterHandle, namespace: str, name: str, generation: int) -> dict[str, Any] | None:
-    obj = _get(cluster, namespace, name)
+    obj = get_finetunejob(cluster, namespace, name)
     return obj if (obj.get("status") or {}).get("observedGeneration") == generation else None
 
 
@@ -184,14 +142,14 @@ def test_phases_move_forward_and_ttl_deletes_the_job_for_good(
     make_tiny_model(claim_dir / "model")
     write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
     recorder = PhaseRecorder(cluster, namespace, "ttl-lora")
-    _create(cluster, namespace, _finetunejob("ttl-lora", ttlSecondsAfterFinished=1))
+    create_finetunejob(cluster, namespace, finetunejob("ttl-lora", ttlSecondsAfterFinished=1))
 
     done = wait_for(
-        lambda: _phase_is(cluster, namespace, "ttl-lora", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, "ttl-lora", "Succeeded", "Failed"),
         300,
         interval=1,
         description=lambda: (
-            f"ttl-lora to finish: {json.dumps(_get(cluster, namespace, 'ttl-lora').get('status'))}"
+            f"ttl-lora to finish: {json.dumps(get_finetunejob(cluster, namespace, 'ttl-lora').get('status'))}"
         ),
     )
     assert done["status"]["phase"] == "Succeeded", done["status"]
@@ -211,7 +169,7 @@ def test_phases_move_forward_and_ttl_deletes_the_job_for_good(
         )
     assert _read_job(cluster, namespace, "ttl-lora-train") is None
     assert not _batch(cluster).list_namespaced_job(namespace).items
-    after = _get(cluster, namespace, "ttl-lora")["status"]
+    after = get_finetunejob(cluster, namespace, "ttl-lora")["status"]
     assert after["phase"] == "Succeeded" and after["result"] == done["status"]["result"]
     assert after["jobName"] == "ttl-lora-train" and after["progress"] == done["status"]["progress"]
     assert manifest.stat().st_mtime_ns == written
@@ -264,14 +222,14 @@ def test_serving_wakes_when_the_run_it_serves_succeeds(
     )
     assert "later-lora" in waiting["adapters"][0]["message"]
 
-    _create(cluster, namespace, _finetunejob("later-lora"))
+    create_finetunejob(cluster, namespace, finetunejob("later-lora"))
     status = wait_for(
         lambda: serving(1, "1/1", "Loaded"),
         400,
         interval=1,
         description=lambda: (
             f"the adapter loaded: {json.dumps(_adep_status(cluster, namespace, 'later'))}; "
-            f"run: {json.dumps(_get(cluster, namespace, 'later-lora').get('status'))}"
+            f"run: {json.dumps(get_finetunejob(cluster, namespace, 'later-lora').get('status'))}"
         ),
     )
     assert status["adapters"][0]["source"] == "pvc://data/out/later-lora"
@@ -308,15 +266,18 @@ def test_a_child_of_another_owner_is_not_adopted(
     }
     batch = _batch(cluster)
     batch.create_namespaced_job(namespace, leftover)
-    uid = _create(cluster, namespace, _finetunejob("orphan", suspend=True))["metadata"]["uid"]
+    uid = create_finetunejob(cluster, namespace, finetunejob("orphan", suspend=True))["metadata"]["uid"]
 
     blocked = wait_for(
         lambda: (
-            _condition(_get(cluster, namespace, "orphan"), "Running").get("reason") == "ChildConflict"
-            and _get(cluster, namespace, "orphan")
+            _condition(get_finetunejob(cluster, namespace, "orphan"), "Running").get("reason")
+            == "ChildConflict"
+            and get_finetunejob(cluster, namespace, "orphan")
         ),
         60,
-        description=lambda: f"ChildConflict: {json.dumps(_get(cluster, namespace, 'orphan').get('status'))}",
+        description=lambda: (
+            f"ChildConflict: {json.dumps(get_finetunejob(cluster, namespace, 'orphan').get('status'))}"
+        ),
     )
     message = _condition(blocked, "Running")["message"]
     assert "orphan-train" in message and "has no controller" in message, message
@@ -336,7 +297,7 @@ def test_a_child_of_another_owner_is_not_adopted(
         return job if [o.uid for o in owners] == [uid] else None
 
     assert wait_for(ours, 60, description="the FineTuneJob's own Job").spec.suspend is True
-    wait_for(lambda: _phase_is(cluster, namespace, "orphan", "Suspended"), 60, description="Suspended")
+    wait_for(lambda: phase_is(cluster, namespace, "orphan", "Suspended"), 60, description="Suspended")
 
 
 def test_serving_children_of_another_owner_are_not_touched(
@@ -379,8 +340,10 @@ def test_serving_children_of_another_owner_are_not_touched(
 def test_queued_job_carries_the_labels_and_its_queue_owns_suspend(
     cluster: ClusterHandle, namespace: str, operator: Path
 ) -> None:
-    _create(cluster, namespace, _finetunejob("queued", suspend=True, podTemplate={"labels": QUEUE_LABELS}))
-    wait_for(lambda: _phase_is(cluster, namespace, "queued", "Suspended"), 60, description="Suspended")
+    create_finetunejob(
+        cluster, namespace, finetunejob("queued", suspend=True, podTemplate={"labels": QUEUE_LABELS})
+    )
+    wait_for(lambda: phase_is(cluster, namespace, "queued", "Suspended"), 60, description="Suspended")
     job = _read_job(cluster, namespace, "queued-train")
     assert QUEUE_LABELS.items() <= job.metadata.labels.items()
     assert job.spec.suspend is True
@@ -390,7 +353,9 @@ def test_queued_job_carries_the_labels_and_its_queue_owns_suspend(
         "queued-train", namespace, {"spec": {"suspend": False}}, field_manager="kueue-admission"
     )
     wait_for(
-        lambda: _condition(_get(cluster, namespace, "queued"), "Suspended").get("status") == "False",
+        lambda: (
+            _condition(get_finetunejob(cluster, namespace, "queued"), "Suspended").get("status") == "False"
+        ),
         60,
         description="the FineTuneJob to see the admission",
     )
@@ -402,8 +367,8 @@ def test_queued_job_carries_the_labels_and_its_queue_owns_suspend(
 def test_idle_costs_nothing_and_suspend_flips_reach_the_job(
     cluster: ClusterHandle, namespace: str, operator: Path
 ) -> None:
-    _create(cluster, namespace, _finetunejob("held", suspend=True))
-    wait_for(lambda: _phase_is(cluster, namespace, "held", "Suspended"), 60, description="Suspended")
+    create_finetunejob(cluster, namespace, finetunejob("held", suspend=True))
+    wait_for(lambda: phase_is(cluster, namespace, "held", "Suspended"), 60, description="Suspended")
 
     # Quiet first (kopf's own bookkeeping patches follow the first pass), then a window of several
     # former resync periods (5 s) without a single request.
