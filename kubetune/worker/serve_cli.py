@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             pvc_mount_root=plan.pvc_mount_root,
             cache_dir=plan.cache_dir,
             adapter_roots=roots,
+            trust_remote_code=plan.trust_remote_code,
         )
         server.base_name = plan.served_model_name
         adapters += [(a.name, a.uri, a.sha256) for a in plan.adapters]

@@ -309,17 +309,22 @@ class ModelServer:
         pvc_mount_root: str = "/mnt/pvc",
         cache_dir: str = "/tmp/kubetune-cache",
         adapter_roots: Sequence[str | Path] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.base_path = Path(base_path)
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        # trust_remote_code runs Python shipped with the model; only a plan that says so turns it on.
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path, trust_remote_code=trust_remote_code)
         # Batched generation of a decoder-only model pads on the left.
         self.tokenizer.padding_side = "left"
         # transformers stubs type .to()/.generate() too narrowly for a model loaded by Auto*.
-        self.base: Any = cast(Any, AutoModelForCausalLM.from_pretrained(self.base_path))
+        self.base: Any = cast(
+            Any, AutoModelForCausalLM.from_pretrained(self.base_path, trust_remote_code=trust_remote_code)
+        )
         self.base.to(self.device)
         self.base.eval()
         self.base_config_sha256 = _config_sha256(self.base_path)
@@ -511,7 +516,8 @@ class ModelServer:
         is_lora = manifest["format"] == "peft" and manifest["method"] in ("lora", "qlora")
         instance = None
         if not is_lora:  # its own model: built outside the lock, requests keep flowing meanwhile
-            instance = load_trained_model(directory, self.base_path).to(self.device).eval()
+            instance = load_trained_model(directory, self.base_path, trust_remote_code=self.trust_remote_code)
+            instance = instance.to(self.device).eval()
         with self.model_lock:
             if name in self.adapters:
                 self._detach(name)
