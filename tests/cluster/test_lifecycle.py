@@ -78,7 +78,8 @@ def test_up_and_down_beside_the_session_cluster(cluster: ClusterHandle, cli_clus
 
 
 def test_cluster_of_a_killed_owner_is_reaped(cluster: ClusterHandle, cli_cluster: str) -> None:
-    assert cli("up", "--name", cli_cluster).returncode == 0
+    # Process containers: the reaper must find and kill their recorded processes.
+    assert cli("up", "--name", cli_cluster, "--runtime", "process").returncode == 0
     state = default_run_dir() / cli_cluster
     env = {**cluster.env(), "KUBECONFIG": str(state / "kubeconfig")}
     subprocess.run(
