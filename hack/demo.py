@@ -154,8 +154,9 @@ def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int) -> None:
         description="the AdapterDeployment to be Ready",
     )
     print(handle.kubectl("get", "ftj,adep", "-n", NAMESPACE).stdout)
-    (pod,) = core.list_namespaced_pod(NAMESPACE, label_selector="kubetune.dev/adapterdeployment=cipher").items
-    url = f"http://{pod.status.pod_ip}:8000/v1"  # type: ignore[union-attr]
+    # Through the Service, as a client in the cluster would (the local cluster proxies ClusterIPs).
+    service = core.read_namespaced_service("cipher", NAMESPACE)
+    url = f"http://{service.spec.cluster_ip}:8000/v1"  # type: ignore[union-attr]
     models = [m["id"] for m in httpx.get(f"{url}/models").json()["data"]]
     print(f"models: {models}  (the first is the base model)")
     for model in models:

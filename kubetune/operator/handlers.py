@@ -37,6 +37,9 @@ ADEP = (v1alpha1.GROUP, v1alpha1.VERSION, ADEP_PLURAL)
 #: Seconds between polls of a training worker's /progress: the one state that changes without an
 #: event. Each poll that sees new numbers costs one status patch.
 PROGRESS_INTERVAL_S = 10.0
+#: Seconds between passes over an AdapterDeployment whose ready pods do not yet serve every
+#: adapter (see ``_converging``); adapter loads finish without any Kubernetes event.
+SERVING_CONVERGE_INTERVAL_S = 5.0
 #: Seconds between attempts of a pass triggered by a child's event. kopf does not retry event
 #: handlers, and the next event may be long in coming: a few quick retries ride out an apiserver hiccup.
 CHILD_EVENT_RETRIES_S = (1.0, 3.0, 10.0)
@@ -178,6 +181,18 @@ def serving_by_finetunejob(namespace: str | None, name: str, spec: kopf.Spec, **
 @kopf.on.create(*ADEP)
 @kopf.on.update(*ADEP)
 def adapterdeployment_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+    _reconcile_serving(memo, namespace, name)
+
+
+def _converging(status: kopf.Status, **_: Any) -> bool:
+    """Ready pods that do not yet serve every adapter: loads run in the background and can fail
+    for a while (an artifact still being published), with no event to wake a pass when they are
+    done, so these objects are looked at again until they converge. Ready ones cost nothing."""
+    return bool(status.get("readyReplicas")) and status.get("phase") != "Ready"
+
+
+@kopf.timer(*ADEP, interval=SERVING_CONVERGE_INTERVAL_S, sharp=False, when=_converging)
+def adapterdeployment_converge(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
     _reconcile_serving(memo, namespace, name)
 
 
