@@ -26,7 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -204,7 +204,17 @@ class ProcessRuntime:
         spec_file.chmod(0o600)  # the environment may hold Secret values
         return spec_file
 
+    @staticmethod
+    def _host_mounts(mounts: list[JSON]) -> list[JSON]:
+        """The mounts a host process can take: one over a directory that holds the agent's own
+        environment (a checkout or venv under /tmp, with an emptyDir at /tmp) would hide the very
+        interpreter and code the container runs, so it is left out."""
+        own = [Path(sys.executable).parent, Path(__file__).resolve().parents[3], Path.cwd()]
+        own += [Path(os.path.realpath(p)) for p in own]
+        return [m for m in mounts if not any(p.is_relative_to(m["target"]) for p in own)]
+
     def start(self, run: ContainerRun) -> subprocess.Popen[bytes]:
+        run = replace(run, mounts=self._host_mounts(run.mounts))
         spec_file = self._launch_spec(run, [*(run.command or []), *(run.args or [])], run.log_path)
         return subprocess.Popen(
             [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)],
@@ -225,6 +235,7 @@ class ProcessRuntime:
         return Exit(code, "Completed" if code == 0 else "Error")
 
     def exec(self, run: ContainerRun, command: list[str], timeout: float) -> int:
+        run = replace(run, mounts=self._host_mounts(run.mounts))
         spec_file = self._launch_spec(run, command, run.state_dir / "exec.log")
         return subprocess.run(
             [sys.executable, "-I", "-S", str(LAUNCHER), str(spec_file)], timeout=timeout, check=False
