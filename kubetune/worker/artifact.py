@@ -29,6 +29,8 @@ from kubetune.worker.errors import OutputError
 
 MANIFEST = "kubetune.json"
 MANIFEST_VERSION = 1
+#: Most points kept in the manifest's ``loss_curve``: enough to draw it, small enough to read at once.
+LOSS_CURVE_POINTS = 200
 
 
 def file_sha256(path: Path) -> str:
@@ -95,6 +97,37 @@ def success_summary(document: dict[str, Any], uri: str, limit: int = 4000) -> st
         summary.pop("metrics")
         text = json.dumps(summary, separators=(",", ":"), default=str)
     return text
+
+
+def record_loss_point(
+    curve: list[dict[str, Any]],
+    step: int,
+    *,
+    loss: float | None = None,
+    eval_loss: float | None = None,
+    limit: int = LOSS_CURVE_POINTS,
+) -> None:
+    """Add ``loss`` and/or ``eval_loss`` at optimizer step ``step`` to ``curve`` (in place).
+
+    A point is ``{"step", "loss"?, "eval_loss"?}``; values for the step already last in the curve
+    join that point. Past ``limit`` points every other older point is dropped (first and last
+    kept), so a long run keeps its whole shape at a coarser grain instead of only its end.
+    """
+    if loss is None and eval_loss is None:
+        return
+    if curve and curve[-1]["step"] == step:
+        point = curve[-1]
+    else:
+        point = {"step": step}
+        curve.append(point)
+    if loss is not None:
+        point["loss"] = loss
+    if eval_loss is not None:
+        point["eval_loss"] = eval_loss
+    if len(curve) > limit:
+        # Points carrying an eval loss are rarer and are what quality is judged on: always kept.
+        kept = [p for i, p in enumerate(curve[:-1]) if i % 2 == 0 or "eval_loss" in p]
+        curve[:] = [*kept, curve[-1]]
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -671,7 +671,11 @@ def _train(
             "train_tokens": 0.0,
             "train_seconds": 0.0,
             "first_loss": None,
+            "loss_curve": [],
         }
+        artifact.record_loss_point(carried["loss_curve"], 0, eval_loss=carried["eval_loss_before"])
+    # (step, loss, eval loss) for the manifest; a checkpoint written before the curve existed has none.
+    curve: list[dict[str, Any]] = carried.setdefault("loss_curve", [])
 
     writer = _tensorboard(work_dir / "tensorboard") if dist.is_main else None
     ddp_model: torch.nn.Module = model
@@ -731,6 +735,7 @@ def _train(
             if carried.get("first_loss") is None:
                 carried["first_loss"] = loss_value
             carried["train_tokens"] += real
+            artifact.record_loss_point(curve, done, loss=loss_value)
             carried["train_seconds"] += elapsed
             per_step = (time.monotonic() - loop_started) / steps_this_run
             report = reporter.update(
@@ -759,6 +764,7 @@ def _train(
         if training.eval_every_steps and done % training.eval_every_steps == 0 and done < total_steps:
             eval_loss = evaluate(model, eval_examples, training.batch_size, pad_id, dist, precision)
             reporter.update(eval_loss=eval_loss)
+            artifact.record_loss_point(curve, done, eval_loss=eval_loss)
             if writer is not None and eval_loss is not None:
                 writer.add_scalar("eval/loss", eval_loss, done)
             window.started = time.monotonic()  # evaluation time is not training throughput
@@ -789,6 +795,7 @@ def _train(
     eval_loss = evaluate(model, eval_examples, training.batch_size, pad_id, dist, precision)
     retention_after = evaluate(model, retention_examples, training.batch_size, pad_id, dist, precision)
     reporter.update(eval_loss=eval_loss)
+    artifact.record_loss_point(curve, total_steps, eval_loss=eval_loss)
     if writer is not None:
         if eval_loss is not None:
             writer.add_scalar("eval/loss", eval_loss, total_steps)
@@ -827,7 +834,18 @@ def _train(
             "wall_seconds": None,  # filled just before the manifest is written
         }
         manifest = _publish(
-            plan, method, model, tokenizer, model_dir, loaded, final, work_dir, metrics, dropped, started
+            plan,
+            method,
+            model,
+            tokenizer,
+            model_dir,
+            loaded,
+            final,
+            work_dir,
+            metrics,
+            curve,
+            dropped,
+            started,
         )
         # The artifact supersedes the checkpoints; a restart now finds the artifact and stops early.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -910,6 +928,7 @@ def _publish(
     final: Path | None,
     work_dir: Path,
     metrics: dict[str, Any],
+    loss_curve: list[dict[str, Any]],
     dropped: int,
     started: float,
 ) -> dict[str, Any]:
@@ -967,6 +986,7 @@ def _publish(
             "training": plan.training.model_dump(),
         },
         "metrics": metrics,
+        "loss_curve": loss_curve,
         "plan_fingerprint": plan_fingerprint(plan),
     }
     document = artifact.write_manifest(staging, manifest)
