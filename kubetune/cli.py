@@ -30,6 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("kubetune.worker.train_cli", "run a TrainingPlan (the worker pod's entry point)"),
     "serve": ("kubetune.worker.serve_cli", "serve a base model and adapters over an OpenAI-compatible API"),
+    "compare": (
+        "kubetune.compare",
+        "compare FineTuneJobs that share a label: cost, speed, quality, forgetting",
+    ),
 }
 
 
