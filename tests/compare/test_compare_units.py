@@ -119,7 +119,11 @@ def test_unfinished_and_failed_jobs_say_their_phase() -> None:
 
 
 def test_json_and_markdown_carry_the_same_runs_and_the_curve(tmp_path: Path) -> None:
-    curve = [{"step": 0, "eval_loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.1, "eval_loss": 1.0}]
+    curve = [
+        {"step": 0, "eval_loss": 3.0},
+        {"step": 10, "loss": 2.0},
+        {"step": 20, "loss": 1.1, "eval_loss": 1.0},
+    ]
     comparison = compare.build_comparison(
         "ns", "s", [job("a", "lora", 1.0), job("b", "ia3", 1.5)], {"a": {"loss_curve": curve}, "b": None}
     )
