@@ -22,11 +22,12 @@ from typing import Any
 import kopf
 
 from kubetune.api import v1alpha1
-from kubetune.operator import kube
+from kubetune.operator import kube, logs, metrics
 from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
-from kubetune.operator.reconcile import PLURAL, OperatorConfig, reconcile
+from kubetune.operator.reconcile import KIND, PLURAL, OperatorConfig, reconcile
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
+from kubetune.operator.serving_reconcile import KIND as ADEP_KIND
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
 from kubetune.operator.serving_reconcile import reconcile_adapterdeployment
 
@@ -55,7 +56,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     # The progress timer needs a finalizer while it runs (kopf stops it before the object goes).
     settings.persistence.finalizer = "kubetune.dev/finalizer"
-    # Conditions and status carry the story; Kubernetes events only for warnings and errors.
+    # kopf posts its own log lines as Events from this level up: its routine INFO lines ("handler
+    # succeeded") would flood `kubectl get events`. Condition transitions are posted as Events
+    # whatever this says (events.py).
     settings.posting.level = logging.WARNING
     # kopf's default API request timeout (300 s) would stall a handler that long on a sick apiserver.
     settings.networking.request_timeout = 30
@@ -78,13 +81,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if "config" not in memo:
         memo["config"] = OperatorConfig()
     if "api_client" not in memo:
-        from kubernetes import client, config
+        from kubernetes import config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        memo["api_client"] = client.ApiClient()
+        memo["api_client"] = metrics.counting_api_client()
     # FineTuneJob name -> what an AdapterDeployment cares about, last time it was seen.
     memo.setdefault("artifacts", {})
     # Worker Job or pod uid -> what the FineTuneJob's status read from it at the last pass.
@@ -108,7 +111,8 @@ def _retrying(attempt: Callable[[], object], what: str) -> None:
 
 def _reconcile(memo: Any, namespace: str | None, name: str) -> None:
     assert namespace is not None, "FineTuneJobs are namespaced"
-    reconcile(memo["api_client"], namespace, name, memo["config"])
+    with logs.about(KIND, namespace, name), metrics.reconcile_pass(KIND):
+        reconcile(memo["api_client"], namespace, name, memo["config"])
 
 
 @kopf.on.resume(*FTJ)
@@ -164,7 +168,8 @@ def worker_changed(
 
 def _reconcile_serving(memo: Any, namespace: str | None, name: str) -> None:
     assert namespace is not None, "AdapterDeployments are namespaced"
-    reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
+    with logs.about(ADEP_KIND, namespace, name), metrics.reconcile_pass(ADEP_KIND):
+        reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
 
 
 @kopf.index(*ADEP)
@@ -196,6 +201,16 @@ def adapterdeployment_converge(memo: Any, namespace: str | None, name: str, **_:
     _reconcile_serving(memo, namespace, name)
 
 
+@kopf.on.event(*ADEP)
+def adapterdeployment_event(
+    namespace: str | None, name: str, status: kopf.Status, type: str, **_: Any
+) -> None:
+    phase = None if type == "DELETED" else status.get("phase", "Pending")
+    metrics.record_phase(ADEP_KIND, namespace or "", name, phase)
+    if type == "DELETED":
+        kube.forget(ADEP_PLURAL, namespace or "", name)
+
+
 @kopf.on.event("", "v1", "pods", labels={LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT})
 def serving_pod_changed(memo: Any, namespace: str | None, labels: kopf.Labels, type: str, **_: Any) -> None:
     if not type:
@@ -216,6 +231,9 @@ def finetunejob_event(
     """An AdapterDeployment serves what its FineTuneJobs published: wake it when that changes (the
     run ends, the object goes), not on every progress update."""
     serving_by_finetunejob: kopf.Index[Any, str] = kwargs["serving_by_finetunejob"]
+    metrics.record_phase(
+        KIND, namespace or "", name, None if type == "DELETED" else status.get("phase", "Pending")
+    )
     if type == "DELETED":
         kube.forget(PLURAL, namespace or "", name)
     key = (namespace, name)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from kubetune.api import v1alpha1
+from kubetune.operator import events, metrics
 
 #: The field manager of everything kubetune applies.
 FIELD_MANAGER = "kubetune"
@@ -191,6 +192,20 @@ def patch_status(custom: Any, plural: str, namespace: str, name: str, status: di
     custom.patch_namespaced_custom_object_status(
         v1alpha1.GROUP, v1alpha1.VERSION, namespace, plural, name, {"status": status}
     )
+
+
+def write_status(custom: Any, plural: str, obj: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Write ``desired`` as the status of ``obj`` (a kubetune object as read, wire form) when it
+    differs from the status ``obj`` has, then post an Event per condition transition. Returns
+    whether it wrote. Either way the object's phase is recorded for ``kubetune_objects``."""
+    meta = obj["metadata"]
+    previous = obj.get("status") or {}
+    metrics.record_phase(str(obj.get("kind")), meta["namespace"], meta["name"], desired.get("phase"))
+    if desired == {k: v for k, v in previous.items() if k in desired}:
+        return False
+    patch_status(custom, plural, meta["namespace"], meta["name"], desired)
+    events.post(obj, events.transitions(previous.get("conditions") or [], desired.get("conditions") or []))
+    return True
 
 
 # -- per-object serialisation ------------------------------------------------------------------------

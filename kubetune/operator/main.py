@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 from typing import TYPE_CHECKING
 
@@ -77,7 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=0,
-        help="serve Prometheus /metrics (process and Python runtime metrics) on this port; 0 disables",
+        help="serve Prometheus /metrics (reconciles, errors, latency, objects by phase, API requests, "
+        "process metrics) on this port; 0 disables",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines prefixed with [namespace/name], or JSON lines with the object under 'object'",
     )
     parser.add_argument("--verbose", "-v", action="store_true")
 
@@ -101,13 +107,10 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
 def run(args: argparse.Namespace) -> int:
     import kopf
 
-    from kubetune.operator import handlers  # registers the handlers
+    from kubetune.operator import handlers, logs  # handlers: registers the handlers
     from kubetune.operator.reconcile import OperatorConfig
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(verbose=args.verbose, json_format=args.log_format == "json")
     del handlers
     if args.metrics_port:
         import prometheus_client

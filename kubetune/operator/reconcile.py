@@ -103,7 +103,7 @@ def ensure_worker(
             return None, problem
         kube.apply_if_changed(api_client, existing, configmap)
         worker = kube.apply(api_client, kube.stamped(desired))
-        logger.info("created Job %s/%s", namespace, name)
+        logger.info("created Job %s", name)
         return worker, None
     suspended = bool((worker.get("spec") or {}).get("suspend"))
     if suspended != job.spec.suspend and not builders.queued(job) and not status.job_ended(worker):
@@ -114,7 +114,7 @@ def ensure_worker(
             "spec": {"suspend": job.spec.suspend},
         }
         worker = kube.apply(api_client, toggle, field_manager=SUSPEND_FIELD_MANAGER)
-        logger.info("%s Job %s/%s", "suspended" if job.spec.suspend else "resumed", namespace, name)
+        logger.info("%s Job %s", "suspended" if job.spec.suspend else "resumed", name)
     return worker, None
 
 
@@ -169,7 +169,6 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
             previous,
             datetime.now(UTC),
         )
-        if desired != {k: v for k, v in previous.items() if k in desired}:
-            kube.patch_status(custom, PLURAL, namespace, name, desired)
-            logger.debug("status of %s/%s: %s", namespace, name, json.dumps(desired)[:500])
+        if kube.write_status(custom, PLURAL, obj, desired):
+            logger.debug("status: %s", json.dumps(desired)[:500])
         return desired
