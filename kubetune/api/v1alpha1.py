@@ -438,6 +438,7 @@ class FineTuneJobSpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
+        le=2**31 - 1,  # the Job's field is an int32: a larger value would make an unrunnable Job
         description="ttlSecondsAfterFinished deletes the worker Job (not the FineTuneJob or the "
         "artifact) this long after it finishes.",
     )
