@@ -10,6 +10,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # TEST_PREREQS (e.g. building the local cluster's binaries).
 TEST_PREREQS :=
 PYTEST_ARGS ?=
+# Most suites wait on a cluster or a subprocess, so three workers overlap well even on two cores.
+# `make test TEST_WORKERS=0` runs in one process (what pytest -n 0 means).
+TEST_WORKERS ?= 3
 
 -include hack/*.mk
 
@@ -34,7 +37,7 @@ crds: venv
 	$(PY) -m kubetune crds
 
 test: venv lint $(TEST_PREREQS)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 DEMO_ARGS ?=
 demo: venv cluster-build images

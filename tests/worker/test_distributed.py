@@ -23,6 +23,7 @@ from tests.worker.conftest import plan_dict, write_plan
 pytestmark = pytest.mark.torch
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_publishes_one_artifact(
     tmp_path: Path, tiny_model: Path, task_files: dict[str, Path]
 ) -> None:

@@ -74,6 +74,7 @@ def _adapter(directory: Path) -> dict[str, Any]:
     return load_file(directory / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(
     tmp_path: Path, tiny_model: Path, task_files: dict[str, Path]
 ) -> None:
@@ -124,6 +125,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(
     assert json.loads((output / "kubetune.json").read_text())["created_at"] == manifest["created_at"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_143(
     tmp_path: Path, tiny_model: Path, task_files: dict[str, Path]
 ) -> None:
