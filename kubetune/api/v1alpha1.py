@@ -8,10 +8,18 @@ repositories depend on them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Final, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, Literal
 
 from pydantic import Field
 
+from kubetune.api import methods
+from kubetune.api.methods import METHOD_NAMES, MethodName
+from kubetune.api.methods.adapter import BottleneckSettings
+from kubetune.api.methods.ia3 import IA3Settings
+from kubetune.api.methods.lora import LoraSettings
+from kubetune.api.methods.prefix import PrefixSettings
+from kubetune.api.methods.qlora import QuantizationSettings
 from kubetune.api.schema import (
     DNS1123_LABEL,
     ApiModel,
@@ -30,14 +38,38 @@ API_VERSION: Final = "kubetune.dev/v1alpha1"
 # names are capped at 63 characters; 52 is the same headroom CronJob leaves for its Jobs.
 MAX_NAME_LENGTH = 52
 
-MethodType = Literal["full", "lora", "qlora", "ia3", "prefix", "adapter"]
-PEFT_METHODS: tuple[str, ...] = ("lora", "qlora", "ia3", "prefix", "adapter")
 DatasetFormat = Literal["auto", "text", "completion", "chat"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
-# A module name or suffix as PEFT matches them (q_proj, mlp.down_proj, c_attn).
-ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]
+
+#: Methods that cannot train across nodes.
+_SINGLE_NODE = tuple(name for name in METHOD_NAMES if not methods.get(name).multi_node)
+
+
+def _block_rules() -> tuple[Rule, ...]:
+    """method.<block> is only valid for the methods that read it (from the registry)."""
+    users = {
+        block: tuple(name for name in METHOD_NAMES if block in methods.get(name).blocks)
+        for block in methods.blocks()
+    }
+
+    def check(block: str) -> Callable[[Any], bool]:
+        def valid(method: Any) -> bool:
+            return getattr(method, block) is None or method.type in users[block]
+
+        return valid
+
+    return tuple(
+        Rule(
+            cel=f"!has(self.{block}) || self.type in [{', '.join(repr(name) for name in users[block])}]",
+            message=f"method.{block} is only valid when method.type is {' or '.join(users[block])}",
+            field_path=f".{block}",
+            check=check(block),
+        )
+        # In the order of the methods that use them: lora, quantization, ia3, ...
+        for block in sorted(users, key=lambda block: METHOD_NAMES.index(users[block][0]))
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,151 +209,25 @@ class DatasetSource(ApiModel):
     )
 
 
-class LoraConfig(ApiModel):
-    """LoRA settings (method.type lora or qlora)."""
-
-    rank: int = Field(default=16, ge=1, le=1024, description="rank (r) of the low-rank update matrices.")
-    alpha: float = Field(
-        default=32,
-        gt=0,
-        le=4096,
-        description="alpha scales the update by alpha/rank (alpha/sqrt(rank) with rslora).",
-    )
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="dropout applied to the LoRA input.")
-    target_modules: list[ModuleName] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=64,
-        description="targetModules names the modules (by suffix, e.g. q_proj) that get adapters. "
-        "Defaults per architecture (attention projections for Llama, Qwen, Mistral; c_attn for GPT-2). "
-        "Names missing from the model fail the job with reason TargetModuleNotFound.",
-    )
-    dora: bool = Field(default=False, description="dora enables weight-decomposed LoRA (DoRA).")
-    rslora: bool = Field(default=False, description="rslora enables rank-stabilised scaling.")
-
-
-class QuantizationConfig(ApiModel):
-    """Base model quantization for QLoRA (bitsandbytes)."""
-
-    bits: Literal[4] = Field(
-        default=4,
-        description="bits per frozen base weight. Only 4 (QLoRA's NF4/FP4) today; the field leaves room "
-        "for 8-bit bases.",
-    )
-    type: Literal["nf4", "fp4"] = Field(default="nf4", description="type of 4-bit quantization.")
-    double_quant: bool = Field(
-        default=True,
-        description="doubleQuant also quantizes the quantization constants (saves ~0.4 bit/param).",
-    )
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16",
-        description="computeDtype of the de-quantized matmuls; bfloat16 is stable, float16 may diverge.",
-    )
-
-
-class IA3Config(ApiModel):
-    """IA3 settings (method.type ia3)."""
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="!has(self.feedforwardModules) || "
-            "(has(self.targetModules) && self.feedforwardModules.all(m, m in self.targetModules))",
-            message="ia3.feedforwardModules must be a subset of ia3.targetModules",
-            field_path=".feedforwardModules",
-            check=lambda c: (
-                c.feedforward_modules is None
-                or (c.target_modules is not None and set(c.feedforward_modules) <= set(c.target_modules))
-            ),
-        ),
-    )
-
-    target_modules: list[ModuleName] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=64,
-        description="targetModules that get learned scaling vectors. Defaults per architecture.",
-    )
-    feedforward_modules: list[ModuleName] | None = Field(
-        default=None,
-        max_length=64,
-        description="feedforwardModules among targetModules whose input (not output) is scaled.",
-    )
-
-
-class PrefixConfig(ApiModel):
-    """Prefix tuning settings (method.type prefix)."""
-
-    virtual_tokens: int = Field(
-        default=20, ge=1, le=512, description="virtualTokens is the number of trained prefix positions."
-    )
-    projection: bool = Field(
-        default=False,
-        description="projection reparameterises the prefix through an MLP during training.",
-    )
-
-
-class BottleneckAdapterConfig(ApiModel):
-    """Bottleneck adapter settings (method.type adapter)."""
-
-    bottleneck_size: int = Field(
-        default=64, ge=1, le=16384, description="bottleneckSize is the adapters' hidden width."
-    )
-    placement: Literal["houlsby", "pfeiffer"] = Field(
-        default="houlsby",
-        description="placement: houlsby (after attention and after the MLP of every layer) or pfeiffer "
-        "(after the MLP only, about half the parameters).",
-    )
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout inside the adapters.")
-
-
 class MethodSpec(ApiModel):
     """How the model is fine-tuned. Only the block matching type may be set."""
 
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="!has(self.lora) || self.type in ['lora', 'qlora']",
-            message="method.lora is only valid when method.type is lora or qlora",
-            field_path=".lora",
-            check=lambda m: m.lora is None or m.type in ("lora", "qlora"),
-        ),
-        Rule(
-            cel="!has(self.quantization) || self.type == 'qlora'",
-            message="method.quantization is only valid when method.type is qlora",
-            field_path=".quantization",
-            check=lambda m: m.quantization is None or m.type == "qlora",
-        ),
-        Rule(
-            cel="!has(self.ia3) || self.type == 'ia3'",
-            message="method.ia3 is only valid when method.type is ia3",
-            field_path=".ia3",
-            check=lambda m: m.ia3 is None or m.type == "ia3",
-        ),
-        Rule(
-            cel="!has(self.prefix) || self.type == 'prefix'",
-            message="method.prefix is only valid when method.type is prefix",
-            field_path=".prefix",
-            check=lambda m: m.prefix is None or m.type == "prefix",
-        ),
-        Rule(
-            cel="!has(self.adapter) || self.type == 'adapter'",
-            message="method.adapter is only valid when method.type is adapter",
-            field_path=".adapter",
-            check=lambda m: m.adapter is None or m.type == "adapter",
-        ),
-    )
+    rules: ClassVar[tuple[Rule, ...]] = _block_rules()
 
-    type: MethodType = Field(
-        description="type of fine-tuning: full (every weight), lora, qlora (LoRA on a 4-bit base), "
-        "ia3, prefix (prefix tuning) or adapter (bottleneck adapters)."
+    type: MethodName = Field(
+        description="type of fine-tuning: "
+        + "; ".join(f"{info.name} ({info.summary})" for info in map(methods.get, METHOD_NAMES))
+        + "."
     )
-    lora: LoraConfig | None = Field(default=None, description="lora settings for lora and qlora.")
-    quantization: QuantizationConfig | None = Field(
+    # One optional field per settings block of the method registry (a test checks they agree).
+    lora: LoraSettings | None = Field(default=None, description="lora settings for lora and qlora.")
+    quantization: QuantizationSettings | None = Field(
         default=None,
         description="quantization of the base model for qlora. Defaults to NF4 with double quant.",
     )
-    ia3: IA3Config | None = Field(default=None, description="ia3 settings.")
-    prefix: PrefixConfig | None = Field(default=None, description="prefix tuning settings.")
-    adapter: BottleneckAdapterConfig | None = Field(default=None, description="bottleneck adapter settings.")
+    ia3: IA3Settings | None = Field(default=None, description="ia3 settings.")
+    prefix: PrefixSettings | None = Field(default=None, description="prefix tuning settings.")
+    adapter: BottleneckSettings | None = Field(default=None, description="bottleneck adapter settings.")
 
 
 class TrainingConfig(ApiModel):
@@ -403,10 +309,10 @@ class FineTuneJobSpec(ApiModel):
     immutable: ClassVar[Immutable | None] = Immutable(mutable=frozenset({"suspend"}))
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="self.resources.nodes == 1 || self.method.type != 'prefix'",
-            message="prefix tuning is single-node: set resources.nodes to 1",
+            cel=f"self.resources.nodes == 1 || !(self.method.type in {list(_SINGLE_NODE)!r})",
+            message=f"{' and '.join(_SINGLE_NODE)} train on a single node: set resources.nodes to 1",
             field_path=".resources.nodes",
-            check=lambda s: s.resources.nodes == 1 or s.method.type != "prefix",
+            check=lambda s: s.resources.nodes == 1 or s.method.type not in _SINGLE_NODE,
         ),
         Rule(
             cel="!self.output.uri.startsWith('hf://')",

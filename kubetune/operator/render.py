@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from kubetune.api import methods
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.worker import plan as wp
 
@@ -43,37 +44,12 @@ def training_plan(job: FineTuneJob) -> wp.TrainingPlan:
     """The TrainingPlan a FineTuneJob's workers execute."""
     spec = job.spec
     method = spec.method
+    # The settings blocks are the same models in the API and the plan: set blocks carry over as they
+    # are, unset ones take the plan's defaults.
     method_fields: dict[str, object] = {"type": method.type}
-    if method.lora is not None:
-        method_fields["lora"] = wp.LoraSettings(
-            rank=method.lora.rank,
-            alpha=method.lora.alpha,
-            dropout=method.lora.dropout,
-            target_modules=method.lora.target_modules,
-            dora=method.lora.dora,
-            rslora=method.lora.rslora,
-        )
-    if method.quantization is not None:
-        method_fields["quantization"] = wp.QuantizationSettings(
-            bits=method.quantization.bits,
-            type=method.quantization.type,
-            double_quant=method.quantization.double_quant,
-            compute_dtype=method.quantization.compute_dtype,
-        )
-    if method.ia3 is not None:
-        method_fields["ia3"] = wp.IA3Settings(
-            target_modules=method.ia3.target_modules, feedforward_modules=method.ia3.feedforward_modules
-        )
-    if method.prefix is not None:
-        method_fields["prefix"] = wp.PrefixSettings(
-            virtual_tokens=method.prefix.virtual_tokens, projection=method.prefix.projection
-        )
-    if method.adapter is not None:
-        method_fields["adapter"] = wp.AdapterSettings(
-            bottleneck_size=method.adapter.bottleneck_size,
-            placement=method.adapter.placement,
-            dropout=method.adapter.dropout,
-        )
+    for block in methods.blocks():
+        if getattr(method, block) is not None:
+            method_fields[block] = getattr(method, block)
 
     training = spec.training
     labels = {

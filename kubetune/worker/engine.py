@@ -862,7 +862,7 @@ def _build(
     checkpointing: bool,
     dist: Distributed,
 ) -> torch.nn.Module:
-    if checkpointing and method.name != "qlora":  # qlora's preparation enables it itself
+    if checkpointing and not method.info.quantized_base:  # k-bit preparation enables it itself
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = getattr(model, "config", None)
     if config is not None:
@@ -945,17 +945,6 @@ def _publish(
     metrics["wall_seconds"] = time.monotonic() - started
     base_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     retention = loaded["retention"]
-    hyper_block = {
-        "lora": plan.method.lora,
-        "qlora": {
-            "lora": plan.method.lora.model_dump(),
-            "quantization": plan.method.quantization.model_dump(),
-        },
-        "ia3": plan.method.ia3,
-        "prefix": plan.method.prefix,
-        "adapter": plan.method.adapter,
-        "full": {},
-    }[method.name]
     manifest = {
         "kubetune_version": kubetune.__version__,
         "name": plan.name,
@@ -982,7 +971,7 @@ def _publish(
             "retention_sha256": data.sha256_file(retention[2]) if retention is not None else None,
         },
         "hyperparameters": {
-            "method": hyper_block.model_dump() if hasattr(hyper_block, "model_dump") else hyper_block,
+            "method": plan.method.hyperparameters(),
             "training": plan.training.model_dump(),
         },
         "metrics": metrics,

@@ -33,13 +33,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kubetune.api import methods
+from kubetune.api.methods import METHOD_NAMES, MethodName
+from kubetune.api.methods.adapter import BottleneckSettings
+from kubetune.api.methods.ia3 import IA3Settings
+from kubetune.api.methods.lora import LoraSettings
+from kubetune.api.methods.prefix import PrefixSettings
+from kubetune.api.methods.qlora import QuantizationSettings
+
+#: Earlier name of the bottleneck settings in this module.
+AdapterSettings = BottleneckSettings
+
 #: The plan schema version this worker executes.
 PLAN_VERSION = 1
 
 #: Environment variable holding the plan (JSON text, or a path to a JSON file).
 PLAN_ENV_VAR = "KUBETUNE_PLAN"
 
-MethodType = Literal["full", "lora", "qlora", "ia3", "prefix", "adapter"]
+#: A registered method name (the registry lives with the API: ``kubetune.api.methods``).
+MethodType = MethodName
 DatasetFormat = Literal["auto", "text", "completion", "chat"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -97,71 +109,27 @@ class DatasetSource(_Model):
     )
 
 
-class LoraSettings(_Model):
-    """LoRA (and QLoRA's adapter) hyperparameters."""
-
-    rank: int = Field(default=16, ge=1, le=1024, description="Rank r of the update matrices.")
-    alpha: int = Field(default=32, gt=0, description="Scaling numerator: updates are scaled by alpha/r.")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | None = Field(
-        default=None,
-        description="Module name suffixes to adapt; unset = the architecture's default "
-        "(all attention and MLP projections), or every linear layer for unknown architectures.",
-    )
-    dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
-    rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha/sqrt(r).")
-
-
-class QuantizationSettings(_Model):
-    """How QLoRA quantises the frozen base model (bitsandbytes)."""
-
-    bits: Literal[4] = Field(default=4, description="Weight bits of the frozen base.")
-    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too.")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        default="auto", description="Matmul dtype; auto = bfloat16 on GPUs that support it, else float32."
-    )
-
-
-class IA3Settings(_Model):
-    """(IA)^3 hyperparameters."""
-
-    target_modules: list[str] | None = Field(
-        default=None, description="Modules whose activations are rescaled; unset = architecture default."
-    )
-    feedforward_modules: list[str] | None = Field(
-        default=None,
-        description="Subset of target_modules treated as feed-forward (scaled on their input).",
-    )
-
-
-class PrefixSettings(_Model):
-    """Prefix-tuning hyperparameters."""
-
-    virtual_tokens: int = Field(default=20, ge=1, le=512, description="Trainable key/value prefix length.")
-    projection: bool = Field(default=False, description="Reparameterise the prefix through an MLP.")
-
-
-class AdapterSettings(_Model):
-    """Bottleneck adapters (Houlsby / Pfeiffer), kubetune's own module."""
-
-    bottleneck_size: int = Field(default=64, ge=1, description="Hidden width of each adapter.")
-    placement: Literal["houlsby", "pfeiffer"] = Field(
-        default="houlsby",
-        description="houlsby: after attention and after the MLP of each layer; pfeiffer: after the MLP only.",
-    )
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout inside the adapter.")
-
-
 class MethodSpec(_Model):
-    """Which fine-tuning method, and its settings (blocks not used by `type` are ignored)."""
+    """Which fine-tuning method, and its settings (blocks not used by `type` are ignored).
 
-    type: MethodType = Field(default="lora", description="full | lora | qlora | ia3 | prefix | adapter.")
+    The settings models are the API's own (``kubetune.api.methods``), carried here in snake_case.
+    """
+
+    type: MethodName = Field(default="lora", description=" | ".join(METHOD_NAMES) + ".")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings, description="qlora.")
     ia3: IA3Settings = Field(default_factory=IA3Settings, description="Used by ia3.")
     prefix: PrefixSettings = Field(default_factory=PrefixSettings, description="Used by prefix.")
-    adapter: AdapterSettings = Field(default_factory=AdapterSettings, description="Used by adapter.")
+    adapter: BottleneckSettings = Field(default_factory=BottleneckSettings, description="Used by adapter.")
+
+    def hyperparameters(self) -> dict[str, object]:
+        """The settings this method reads, for the artifact's manifest: its one block, flat, or a
+        mapping of its blocks (qlora: lora and quantization); full fine-tuning reads none."""
+        used = methods.get(self.type).blocks
+        dumped = {block: getattr(self, block).model_dump() for block in used}
+        if len(used) == 1:
+            return dict(dumped[used[0]])
+        return dumped
 
 
 class TrainingSettings(_Model):

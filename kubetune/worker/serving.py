@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from kubetune.api import methods
+
 logger = logging.getLogger("kubetune.serve")
 
 #: Adapter and route names: what Kubernetes allows in spec.adapters[].name, upper case too.
@@ -513,7 +515,9 @@ class ModelServer:
 
         directory = self._locate(name, source)
         manifest = self._verify(name, directory, sha256)
-        is_lora = manifest["format"] == "peft" and manifest["method"] in ("lora", "qlora")
+        # LoRA-format adapters (the ones vLLM could serve too) share the stacked LoRA host.
+        info = methods.registry().get(manifest["method"])
+        is_lora = manifest["format"] == "peft" and info is not None and info.serving.vllm
         instance = None
         if not is_lora:  # its own model: built outside the lock, requests keep flowing meanwhile
             instance = load_trained_model(directory, self.base_path, trust_remote_code=self.trust_remote_code)

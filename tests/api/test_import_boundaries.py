@@ -1,7 +1,8 @@
 """One direction of dependency, checked mechanically.
 
 Aspects:
-- the API, the operator and the worker's plan contract import with torch (and friends) unavailable;
+- the API (with the method registry), the planner, the operator and the worker's plan contract
+  import with torch (and friends) unavailable;
 - the worker never imports the operator.
 """
 
@@ -26,7 +27,7 @@ def _modules(subpackage: str) -> list[str]:
 
 
 def test_torch_free_modules_import_without_torch() -> None:
-    modules = ["kubetune", "kubetune.cli", *_modules("api"), *_modules("operator")]
+    modules = ["kubetune", "kubetune.cli", *_modules("api"), *_modules("operator"), *_modules("planner")]
     modules += [*WORKER_CONTRACT, "kubetune.worker.train_cli", "kubetune.worker.serve_cli"]
     # A meta path finder that refuses the heavy packages, as if they were not installed.
     script = f"""

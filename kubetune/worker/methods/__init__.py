@@ -12,14 +12,13 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from kubetune.api import methods
+from kubetune.api.methods import METHOD_NAMES, MethodInfo
 from kubetune.worker.plan import MethodSpec
 
-#: Every method the plan schema accepts; each names a module in this package.
-METHOD_NAMES = ("full", "lora", "qlora", "ia3", "prefix", "adapter")
-
-ArtifactFormat = Literal["full", "peft", "bottleneck"]
+__all__ = ["METHOD_NAMES", "BuildContext", "TrainingMethod", "get_method", "register"]
 
 
 @dataclass(frozen=True)
@@ -37,23 +36,37 @@ def _no_load_kwargs(spec: MethodSpec, context: BuildContext) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TrainingMethod:
-    """A fine-tuning method.
+    """The torch side of a fine-tuning method; its settings and traits are the registry's
+    (:class:`kubetune.api.methods.MethodInfo` of the same name).
 
     ``build`` wraps or modifies the loaded base model in place and returns the model to train, with
     exactly the trainable parameters the method defines. ``save`` writes the artifact files (no
     tokenizer, no manifest) into a directory. ``load_kwargs`` adds ``from_pretrained`` arguments (e.g. a
-    quantization config). ``gradient_checkpointing`` is False for methods it breaks;
-    ``packed_attention`` is False for methods whose forward drops ``position_ids`` (packed records then
-    share one causal mask).
+    quantization config).
     """
 
     name: str
-    artifact_format: ArtifactFormat
     build: Callable[[Any, MethodSpec, BuildContext], Any]
     save: Callable[[Any, Path], None]
     load_kwargs: Callable[[MethodSpec, BuildContext], dict[str, Any]] = field(default=_no_load_kwargs)
-    gradient_checkpointing: bool = True
-    packed_attention: bool = True
+
+    @property
+    def info(self) -> MethodInfo:
+        return methods.get(self.name)
+
+    @property
+    def artifact_format(self) -> str:
+        return self.info.artifact_format
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """False for methods checkpointing breaks."""
+        return self.info.gradient_checkpointing
+
+    @property
+    def packed_attention(self) -> bool:
+        """False for methods whose forward drops ``position_ids`` (packed records share one mask)."""
+        return self.info.packed_attention
 
 
 _REGISTRY: dict[str, TrainingMethod] = {}
@@ -61,6 +74,7 @@ _REGISTRY: dict[str, TrainingMethod] = {}
 
 def register(method: TrainingMethod) -> TrainingMethod:
     """Add a method to the registry (called by each method module at import)."""
+    methods.get(method.name)  # the torch side of a method the registry does not know is an error
     if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
         raise ValueError(f"method {method.name!r} is already registered")
     _REGISTRY[method.name] = method

@@ -30,4 +30,4 @@ def save(model: Any, directory: Path) -> None:
     save_bottleneck_adapter(model, directory)
 
 
-METHOD = register(TrainingMethod(name="adapter", artifact_format="bottleneck", build=build, save=save))
+METHOD = register(TrainingMethod(name="adapter", build=build, save=save))

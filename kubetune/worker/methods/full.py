@@ -19,4 +19,4 @@ def save(model: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
-METHOD = register(TrainingMethod(name="full", artifact_format="full", build=build, save=save))
+METHOD = register(TrainingMethod(name="full", build=build, save=save))

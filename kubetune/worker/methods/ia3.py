@@ -18,4 +18,4 @@ def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
     return get_peft_model(model, config)
 
 
-METHOD = register(TrainingMethod(name="ia3", artifact_format="peft", build=build, save=save_peft))
+METHOD = register(TrainingMethod(name="ia3", build=build, save=save_peft))

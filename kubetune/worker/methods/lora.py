@@ -14,15 +14,17 @@ def lora_config(model: Any, settings: LoraSettings) -> Any:
     """The ``peft.LoraConfig`` for these settings, with targets checked against ``model``."""
     from peft import LoraConfig, TaskType
 
+    # PEFT annotates lora_alpha as int but only divides by it; the API allows fractional alphas.
+    alpha: Any = int(settings.alpha) if float(settings.alpha).is_integer() else settings.alpha
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=alpha,
         lora_dropout=settings.dropout,
         target_modules=lora_targets(model, settings.target_modules),
         use_dora=settings.dora,
         use_rslora=settings.rslora,
-        bias="none",
+        bias=settings.bias,
     )
 
 
@@ -37,4 +39,4 @@ def save_peft(model: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
 
-METHOD = register(TrainingMethod(name="lora", artifact_format="peft", build=build, save=save_peft))
+METHOD = register(TrainingMethod(name="lora", build=build, save=save_peft))

@@ -1,9 +1,9 @@
 """Prefix tuning (PEFT): trainable key/value prefixes in every attention layer.
 
-Gradient checkpointing is off for this method: the prefix arrives as a past-key-value cache, which the
-checkpointed layers do not recompute correctly. For the same reason packed records cannot be masked from
-each other (PEFT drops ``position_ids`` for prompt-learning methods), so packing falls back to one
-causal mask per block.
+Its registry entry (``kubetune.api.methods.prefix``) turns gradient checkpointing off: the prefix
+arrives as a past-key-value cache, which the checkpointed layers do not recompute correctly. For the
+same reason packed records cannot be masked from each other (PEFT drops ``position_ids`` for
+prompt-learning methods), so packing falls back to one causal mask per block.
 """
 
 from __future__ import annotations
@@ -29,10 +29,7 @@ def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
 METHOD = register(
     TrainingMethod(
         name="prefix",
-        artifact_format="peft",
         build=build,
         save=save_peft,
-        gradient_checkpointing=False,
-        packed_attention=False,
     )
 )

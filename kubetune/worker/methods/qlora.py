@@ -72,6 +72,4 @@ def build(model: Any, spec: MethodSpec, context: BuildContext) -> Any:
     return get_peft_model(model, lora_config(model, spec.lora))
 
 
-METHOD = register(
-    TrainingMethod(name="qlora", artifact_format="peft", build=build, save=save_peft, load_kwargs=load_kwargs)
-)
+METHOD = register(TrainingMethod(name="qlora", build=build, save=save_peft, load_kwargs=load_kwargs))

@@ -10,30 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.methods import ia3 as ia3_method
+from kubetune.api.methods import lora as lora_method
 from kubetune.worker.errors import TargetModuleNotFound
-
-_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-#: model_type -> LoRA targets.
-LORA_TARGETS: dict[str, list[str]] = {
-    **{arch: _LLAMA_STYLE for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
-
-#: model_type -> (IA3 targets, the feed-forward subset), following the IA3 paper: keys, values, FFN.
-IA3_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    **{
-        arch: (["k_proj", "v_proj", "down_proj"], ["down_proj"])
-        for arch in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")
-    },
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "phi": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-}
 
 
 def _model_type(model: Any) -> str:
@@ -69,11 +48,7 @@ def lora_targets(model: Any, requested: list[str] | None) -> list[str]:
     if requested:
         validate_targets(model, requested, "lora.target_modules")
         return list(requested)
-    default = LORA_TARGETS.get(_model_type(model))
-    if default:
-        validate_targets(model, default, "default lora.target_modules")
-        return list(default)
-    return linear_module_suffixes(model)
+    return lora_method.default_targets(_model_type(model), linear_module_suffixes(model))
 
 
 def ia3_targets(
@@ -85,10 +60,8 @@ def ia3_targets(
         targets = list(requested)
         ff = list(feedforward) if feedforward is not None else []
     else:
-        default_targets, default_ff = IA3_TARGETS.get(_model_type(model), (linear_module_suffixes(model), []))
-        validate_targets(model, default_targets, "default ia3.target_modules")
-        targets = list(default_targets)
-        ff = list(feedforward) if feedforward is not None else list(default_ff)
+        targets, default_ff = ia3_method.default_targets(_model_type(model), linear_module_suffixes(model))
+        ff = list(feedforward) if feedforward is not None else default_ff
     stray = [m for m in ff if m not in targets]
     if stray:
         raise TargetModuleNotFound(
