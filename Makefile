@@ -22,7 +22,7 @@ help:
 	@echo "make test   - set up everything from a fresh clone and run lint + the test suite"
 	@echo "make demo   - train then serve on the embedded local cluster, from the images (DEMO_ARGS=--keep keeps it)"
 	@echo "make images - build the operator and worker images (docker or podman)"
-	@echo "make crds   - regenerate crds/ from the API models"
+	@echo "make crds   - regenerate crds/ (and docs/api.md) from the API models"
 	@echo "make lint   - ruff + mypy"
 
 venv:
@@ -35,6 +35,7 @@ lint: venv
 
 crds: venv
 	$(PY) -m kubetune crds
+	$(PY) -m kubetune.api.apidoc
 
 test: venv lint $(TEST_PREREQS)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
