@@ -103,13 +103,14 @@ def render_crd(crd: dict[str, Any]) -> str:
     names = spec["names"]
     version = next(v for v in spec["versions"] if v.get("storage"))
     schema = version["schema"]["openAPIV3Schema"]
+    short = ", ".join(f"`{n}`" for n in names.get("shortNames", []))
     lines = [
         f"## {names['kind']}",
         "",
         _cell(schema.get("description", "")),
         "",
         f"- API: `{spec['group']}/{version['name']}`, {spec['scope'].lower()}; plural `{names['plural']}`"
-        + (f", short names {', '.join(f'`{n}`' for n in names.get('shortNames', []))}" if names.get("shortNames") else ""),
+        + (f", short names {short}" if short else ""),
         f"- subresources: {', '.join(sorted(version.get('subresources') or {})) or 'none'}",
         "",
     ]  # fmt: skip
