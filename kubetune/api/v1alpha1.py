@@ -522,6 +522,7 @@ class AdapterDeploymentSpec(ApiModel):
                 "service",
                 "image",
                 "podTemplate",
+                "apiKeysSecret",
             }
         )
     )
@@ -608,6 +609,14 @@ class AdapterDeploymentSpec(ApiModel):
     pod_template: PodTemplateOverrides | None = Field(
         default=None, description="podTemplate overrides for the serving pods."
     )
+    api_keys_secret: ObjectName | None = Field(
+        default=None,
+        description="apiKeysSecret names a Secret in this namespace whose key `keys` holds API keys, one "
+        "per line. When set, the inference endpoints require one of them as a bearer token (the OpenAI "
+        "client's api_key); keys are re-read when the Secret changes. Unset: the inference API is open. "
+        "The admin endpoints (adapter load/unload, routes) always require the token of the Secret "
+        "<name>-admin-token, which the operator creates.",
+    )
 
 
 class AdapterStatus(ApiModel):
@@ -620,6 +629,12 @@ class AdapterStatus(ApiModel):
         default="Pending", description="state across replicas."
     )
     loaded_replicas: int = Field(default=0, ge=0, description="loadedReplicas serving this adapter.")
+    reason: str = Field(
+        default="",
+        max_length=64,
+        description="reason of a Failed state, CamelCase: HashMismatch, MissingFiles, BaseModelMismatch, "
+        "DownloadFailed, PathOutsideRoots, InvalidUri, UnsupportedArtifact, LoadError, Unsupported.",
+    )
     message: str = Field(default="", description="message explaining a failure.")
 
 

@@ -101,6 +101,8 @@ _KINDS: dict[str, tuple[str, str]] = {
     "Service": ("CoreV1Api", "service"),
     "Job": ("BatchV1Api", "job"),
     "Deployment": ("AppsV1Api", "deployment"),
+    "Secret": ("CoreV1Api", "secret"),
+    "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget"),
 }
 
 
@@ -228,3 +230,18 @@ def forget(plural: str, namespace: str, name: str) -> None:
     """Drop a deleted object's lock, so the table does not grow with every object ever seen."""
     with _locks_guard:
         _locks.pop((plural, namespace, name), None)
+
+
+# -- deletion --------------------------------------------------------------------------------------
+
+
+def delete(api_client: Any, kind: str, namespace: str, name: str) -> None:
+    """Delete a namespaced child; one that is already gone is fine."""
+    from kubernetes.client.rest import ApiException
+
+    api, resource = _api(api_client, kind)
+    try:
+        getattr(api, f"delete_namespaced_{resource}")(name, namespace, _preload_content=False)
+    except ApiException as error:
+        if error.status != 404:
+            raise

@@ -7,12 +7,14 @@ the serving plan, so any change rolls the pods.
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kubetune.api import methods
 from kubetune.api.v1alpha1 import AdapterDeployment
-from kubetune.operator import kube
+from kubetune.operator import events, kube
 from kubetune.operator.builders import LABEL_COMPONENT, LABEL_MANAGED_BY, WorkerSettings, pod_spec_with
 from kubetune.operator.render import PVC_MOUNT_ROOT
 from kubetune.worker.serving_plan import AdapterEntry, RouteBackend, RouteEntry, ServingPlan
@@ -24,6 +26,22 @@ PLAN_KEY = "serving.json"
 CONTAINER = "server"
 #: Download cache for hf:// and s3:// sources (an emptyDir).
 CACHE_DIR = "/var/cache/kubetune"
+#: The admin token (a Secret the operator creates per AdapterDeployment): its key and mount.
+ADMIN_TOKEN_KEY = "token"
+ADMIN_TOKEN_DIR = "/var/run/kubetune/admin"
+#: The user's API keys (spec.apiKeysSecret): its key and mount.
+API_KEYS_KEY = "keys"
+API_KEYS_DIR = "/var/run/kubetune/api-keys"
+#: vLLM (runtime vllm) when spec.image is unset; its entrypoint is `vllm serve`.
+VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.11.0"
+#: The --max-lora-rank values vLLM accepts (vllm/config/lora.py, MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: LoRA rank when a FineTuneJob does not set one (the API's default).
+DEFAULT_LORA_RANK = 16
+#: Mode of the token files. Readable by the server's non-root user without relying on fsGroup
+#: ownership (kubelet would make 0440 files group-owned by fsGroup; not every node agent does, the
+#: local cluster's included); nothing else runs in the container.
+TOKEN_FILE_MODE = 0o444
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,14 @@ class AdapterResolution:
     uri: str | None
     state: str  # Pending (its FineTuneJob has not succeeded) or Resolved
     message: str = ""
+    #: The artifact's recorded sha256 (its FineTuneJob's status.result.sha256): pods refuse another.
+    sha256: str | None = None
+    #: Its method and LoRA settings, when its FineTuneJob says (a bare uri does not).
+    method: str | None = None
+    rank: int | None = None
+    dora: bool = False
+    #: Why the runtime cannot serve it (then it is Failed with reason Unsupported, never loaded).
+    problem: str = ""
 
 
 def resolve_adapters(adep: AdapterDeployment, jobs: dict[str, dict[str, Any]]) -> list[AdapterResolution]:
@@ -59,8 +85,21 @@ def resolve_adapters(adep: AdapterDeployment, jobs: dict[str, dict[str, Any]]) -
                 )
             )
         else:
-            uri = (status.get("result") or {}).get("uri") or job["spec"]["output"]["uri"]
-            out.append(AdapterResolution(adapter.name, uri, "Resolved"))
+            result = status.get("result") or {}
+            uri = result.get("uri") or job["spec"]["output"]["uri"]
+            method = (job["spec"].get("method") or {}).get("type")
+            lora = (job["spec"].get("method") or {}).get("lora") or {}
+            out.append(
+                AdapterResolution(
+                    adapter.name,
+                    uri,
+                    "Resolved",
+                    sha256=result.get("sha256") or None,
+                    method=method,
+                    rank=lora.get("rank", DEFAULT_LORA_RANK) if _vllm_method(method) else None,
+                    dora=bool(lora.get("dora")),
+                )
+            )
     return out
 
 
@@ -74,6 +113,7 @@ def base_model_name(adep: AdapterDeployment) -> str:
 
 
 def serving_plan(adep: AdapterDeployment, resolved: list[AdapterResolution]) -> ServingPlan:
+    resolved = [r for r in resolved if not r.problem]
     ready = {r.name for r in resolved if r.uri is not None}
     routes = [
         RouteEntry(
@@ -90,7 +130,9 @@ def serving_plan(adep: AdapterDeployment, resolved: list[AdapterResolution]) -> 
         model_revision=adep.spec.model.revision,
         trust_remote_code=adep.spec.model.trust_remote_code,
         served_model_name=base_model_name(adep),
-        adapters=[AdapterEntry(name=r.name, uri=r.uri) for r in resolved if r.uri is not None],
+        adapters=[
+            AdapterEntry(name=r.name, uri=r.uri, sha256=r.sha256) for r in resolved if r.uri is not None
+        ],
         routes=routes,
         pvc_mount_root=PVC_MOUNT_ROOT,
         cache_dir=CACHE_DIR,
@@ -140,50 +182,10 @@ def _claims(adep: AdapterDeployment) -> list[str]:
     return sorted({u.removeprefix("pvc://").split("/", 1)[0] for u in uris if u.startswith("pvc://")})
 
 
-def deployment(
-    adep: AdapterDeployment, plan: ServingPlan, settings: WorkerSettings, extra_claims: list[str]
-) -> dict[str, Any]:
-    """The serving Deployment. ``extra_claims`` are claims of FineTuneJob outputs it serves."""
-    spec = adep.spec
-    overrides = spec.pod_template
-    port = spec.service.port
-    claims = sorted(set(_claims(adep)) | set(extra_claims))
-    volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": configmap_name(adep)}}]
-    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}]
-    for index, claim in enumerate(claims):
-        volumes.append(
-            {"name": f"claim-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        )
-        mounts.append({"name": f"claim-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
-    volumes.append({"name": "cache", "emptyDir": {}})
-    mounts.append({"name": "cache", "mountPath": CACHE_DIR})
-
-    resources: dict[str, Any] = {}
-    amounts = {k: v for k, v in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory)) if v}
-    if amounts:
-        resources["requests"] = dict(amounts)
-    limits = dict(amounts)
-    if spec.resources.gpus:
-        limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
-    if limits:
-        resources["limits"] = limits
-
-    secrets = dict.fromkeys(
-        s for s in [adep.spec.model.credentials_secret, *(a.credentials_secret for a in spec.adapters)] if s
-    )
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": spec.image or settings.server_image or settings.image,
-        "imagePullPolicy": settings.server_image_pull_policy or settings.image_pull_policy,
-        "command": ["python", "-m", "kubetune", "serve", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"],
-        "args": ["--host", "0.0.0.0", "--port", str(port)],
-        "env": [
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-            *(overrides.env if overrides and overrides.env else []),
-        ],
-        "ports": [{"name": "http", "containerPort": port}],
+def _probes(port: int, ready_path: str) -> dict[str, Any]:
+    return {
         "readinessProbe": {
-            "httpGet": {"path": "/health", "port": port},
+            "httpGet": {"path": ready_path, "port": port},
             "periodSeconds": 2,
             "failureThreshold": 3,
         },
@@ -198,10 +200,237 @@ def deployment(
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
+    }
+
+
+_LOCKED_DOWN = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _kubetune_container(
+    adep: AdapterDeployment,
+    settings: WorkerSettings,
+    port: int,
+    mounts: list[dict[str, Any]],
+    resources: dict[str, Any],
+    auth_env: list[dict[str, Any]],
+) -> dict[str, Any]:
+    overrides = adep.spec.pod_template
+    return {
+        "name": CONTAINER,
+        "image": adep.spec.image or settings.server_image or settings.image,
+        "imagePullPolicy": settings.server_image_pull_policy or settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune", "serve", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"],
+        "args": ["--host", "0.0.0.0", "--port", str(port)],
+        "env": [
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *(overrides.env if overrides and overrides.env else []),
+            *auth_env,
+        ],
+        "ports": [{"name": "http", "containerPort": port}],
+        # Ready once every declared adapter has been tried: a replica turns ready with the adapters
+        # that load, and reports the others as Failed instead of waiting for them.
+        **_probes(port, "/ready"),
         "volumeMounts": mounts,
         "resources": resources,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": dict(_LOCKED_DOWN),
     }
+
+
+# -- runtime vllm ------------------------------------------------------------------------------------
+
+
+def _vllm_method(method: str | None) -> bool:
+    """Whether the method's artifacts are plain PEFT LoRA adapters, the only kind vLLM loads."""
+    info = methods.registry().get(method or "")
+    return info is not None and info.serving.vllm
+
+
+def vllm_path(uri: str) -> str | None:
+    """Where vLLM reads an artifact or model: the claim's mount, a Hub id, a local path; None for
+    what it cannot read (s3://)."""
+    if uri.startswith("pvc://"):
+        return f"{PVC_MOUNT_ROOT}/{uri.removeprefix('pvc://')}"
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://")
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    return None
+
+
+def vllm_refusals(adep: AdapterDeployment, resolved: list[AdapterResolution]) -> list[AdapterResolution]:
+    """``resolved`` with a ``problem`` on every adapter vLLM cannot serve: other methods than LoRA,
+    DoRA, ranks above 512, sources it cannot read. (``modules_to_save``, which vLLM also refuses,
+    is in the artifact: vLLM's load call says so, and the adapter is Failed with its message.)"""
+    out = []
+    for r in resolved:
+        problem = ""
+        if r.method is not None and not _vllm_method(r.method):
+            problem = f"runtime vllm serves LoRA adapters only, not method {r.method}; use runtime kubetune"
+        elif r.dora:
+            problem = "runtime vllm cannot serve DoRA adapters; use runtime kubetune"
+        elif r.rank is not None and r.rank > VLLM_LORA_RANKS[-1]:
+            problem = f"rank {r.rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})"
+        elif r.uri is not None and vllm_path(r.uri) is None:
+            problem = (
+                f"runtime vllm reads adapters from pvc://, hf:// or file://, not {r.uri.split(':', 1)[0]}://"
+            )
+        out.append(replace(r, problem=problem) if problem else r)
+    return out
+
+
+def vllm_unsupported(adep: AdapterDeployment) -> str | None:
+    """What about the whole object runtime vllm cannot do, or None."""
+    spec = adep.spec
+    problems = []
+    if vllm_path(spec.model.uri) is None:
+        problems.append("runtime vllm reads the model from pvc://, hf:// or file://")
+    if spec.routes:
+        problems.append("routes need runtime kubetune (vLLM has no weighted aliases)")
+    if spec.api_keys_secret:
+        problems.append(
+            "apiKeysSecret needs runtime kubetune: vLLM's --api-key guards inference and adapter loading "
+            "alike, so a client key would also load adapters (clients of runtime vllm use the admin token)"
+        )
+    return "; ".join(problems) or None
+
+
+def vllm_lora_limits(resolved: list[AdapterResolution]) -> tuple[int, int]:
+    """(--max-loras, --max-lora-rank) for the adapters vLLM will serve.
+
+    --max-loras is the adapter count rounded up to a power of two, so that adding an adapter rarely
+    changes the arguments (which rolls the pods); --max-lora-rank the smallest value vLLM accepts
+    that covers every known rank, and at least vLLM's default (16) when a rank is unknown (a bare
+    uri; vLLM's load call reports one that does not fit).
+    """
+    servable = [r for r in resolved if not r.problem]
+    max_loras = 1
+    while max_loras < len(servable):
+        max_loras *= 2
+    ranks = [r.rank for r in servable if r.rank is not None]
+    needed = max(ranks, default=DEFAULT_LORA_RANK)
+    if len(ranks) < len(servable):
+        needed = max(needed, DEFAULT_LORA_RANK)
+    return max_loras, next(rank for rank in VLLM_LORA_RANKS if rank >= needed)
+
+
+def _vllm_container(
+    adep: AdapterDeployment, plan: ServingPlan, resolved: list[AdapterResolution], port: int
+) -> dict[str, Any]:
+    spec = adep.spec
+    max_loras, max_rank = vllm_lora_limits(resolved)
+    args = [
+        "--host", "0.0.0.0",
+        "--port", str(port),
+        "--served-model-name", plan.served_model_name,
+        "--enable-lora",
+        "--max-loras", str(max_loras),
+        "--max-lora-rank", str(max_rank),
+    ]  # fmt: skip
+    if spec.model.revision:
+        args += ["--revision", spec.model.revision]
+    if spec.model.trust_remote_code:
+        args.append("--trust-remote-code")
+    if spec.resources.gpus > 1:
+        args += ["--tensor-parallel-size", str(spec.resources.gpus)]
+    return {
+        "name": CONTAINER,
+        "image": spec.image or VLLM_IMAGE,
+        "command": ["vllm", "serve", str(vllm_path(spec.model.uri))],
+        "args": args,
+        "env": [
+            # Adapters come and go through /v1/load_lora_adapter and /v1/unload_lora_adapter.
+            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+            # vLLM's --api-key guards every /v1 endpoint, adapter loading included; from the
+            # environment the token stays out of the process's arguments.
+            {
+                "name": "VLLM_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": admin_secret_name(adep), "key": ADMIN_TOKEN_KEY}},
+            },
+            # The root filesystem is read-only: Hub downloads go to the cache volume, compiler
+            # caches under /tmp.
+            {"name": "HF_HOME", "value": CACHE_DIR},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "ports": [{"name": "http", "containerPort": port}],
+        # vLLM answers /health once its engine runs; adapters are loaded by the operator after.
+        **_probes(port, "/health"),
+        "securityContext": dict(_LOCKED_DOWN),
+    }
+
+
+def deployment(
+    adep: AdapterDeployment,
+    plan: ServingPlan,
+    settings: WorkerSettings,
+    extra_claims: list[str],
+    resolved: list[AdapterResolution] | None = None,
+) -> dict[str, Any]:
+    """The serving Deployment. ``extra_claims`` are claims of FineTuneJob outputs it serves;
+    ``resolved`` (runtime vllm) gives the adapters' ranks for ``--max-lora-rank``."""
+    spec = adep.spec
+    overrides = spec.pod_template
+    port = spec.service.port
+    claims = sorted(set(_claims(adep)) | set(extra_claims))
+    volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": configmap_name(adep)}}]
+    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_MOUNT, "readOnly": True}]
+    for index, claim in enumerate(claims):
+        volumes.append(
+            {"name": f"claim-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": f"claim-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    volumes.append({"name": "cache", "emptyDir": {}})
+    mounts.append({"name": "cache", "mountPath": CACHE_DIR})
+    if spec.runtime == "vllm":
+        # PyTorch's tensor-parallel workers share tensors through /dev/shm (64 MiB in a container).
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    # Mounted whole (not subPath), so a rotated Secret reaches running pods, which re-read the file.
+    auth_env = []
+    for volume, secret, key, directory, variable in (
+        (
+            "admin-token",
+            admin_secret_name(adep),
+            ADMIN_TOKEN_KEY,
+            ADMIN_TOKEN_DIR,
+            "KUBETUNE_ADMIN_TOKEN_FILE",
+        ),
+        ("api-keys", spec.api_keys_secret, API_KEYS_KEY, API_KEYS_DIR, "KUBETUNE_API_KEY_FILE"),
+    ):
+        if secret is None or spec.runtime == "vllm":  # vLLM takes its key from the environment
+            continue
+        volumes.append(
+            {
+                "name": volume,
+                "secret": {
+                    "secretName": secret,
+                    "items": [{"key": key, "path": key}],
+                    "defaultMode": TOKEN_FILE_MODE,
+                },
+            }
+        )
+        mounts.append({"name": volume, "mountPath": directory, "readOnly": True})
+        auth_env.append({"name": variable, "value": f"{directory}/{key}"})
+
+    resources: dict[str, Any] = {}
+    amounts = {k: v for k, v in (("cpu", spec.resources.cpu), ("memory", spec.resources.memory)) if v}
+    if amounts:
+        resources["requests"] = dict(amounts)
+    limits = dict(amounts)
+    if spec.resources.gpus:
+        limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
+    if limits:
+        resources["limits"] = limits
+
+    secrets = dict.fromkeys(
+        s for s in [adep.spec.model.credentials_secret, *(a.credentials_secret for a in spec.adapters)] if s
+    )
+    if spec.runtime == "vllm":
+        container = _vllm_container(adep, plan, resolved or [], port)
+        container["imagePullPolicy"] = settings.server_image_pull_policy or settings.image_pull_policy
+        container["env"] = [*(overrides.env if overrides and overrides.env else []), *container["env"]]
+        container.update(volumeMounts=mounts, resources=resources)
+    else:
+        container = _kubetune_container(adep, settings, port, mounts, resources, auth_env)
     if secrets:
         container["envFrom"] = [{"secretRef": {"name": s}} for s in secrets]
     annotations = dict(overrides.annotations) if overrides and overrides.annotations else {}
@@ -247,6 +476,46 @@ def service(adep: AdapterDeployment) -> dict[str, Any]:
     }
 
 
+def admin_secret_name(adep: AdapterDeployment) -> str:
+    return f"{adep.metadata.name}-admin-token"
+
+
+def admin_secret(adep: AdapterDeployment, token: str) -> dict[str, Any]:
+    """The Secret holding the admin token the pods require and the operator sends. Applied once,
+    when absent: ``token`` is random, so applying it again would rotate it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(adep, admin_secret_name(adep)),
+        "type": "Opaque",
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def admin_token(secret: dict[str, Any] | None) -> str | None:
+    """The token a (wire form) admin Secret holds, or None when it holds none."""
+    value = ((secret or {}).get("data") or {}).get(ADMIN_TOKEN_KEY)
+    token = base64.b64decode(value).decode().strip() if value else ""
+    return token or None
+
+
+def disruption_budget_name(adep: AdapterDeployment) -> str:
+    return str(adep.metadata.name)
+
+
+def disruption_budget(adep: AdapterDeployment) -> dict[str, Any] | None:
+    """A PodDisruptionBudget keeping all but one replica through voluntary disruptions (node drains),
+    or None for a single replica, which a budget could only block."""
+    if adep.spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(adep, disruption_budget_name(adep)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(adep)}},
+    }
+
+
 def endpoint(adep: AdapterDeployment) -> str:
     return f"http://{adep.metadata.name}.{adep.metadata.namespace}.svc:{adep.spec.service.port}/v1"
 
@@ -254,8 +523,8 @@ def endpoint(adep: AdapterDeployment) -> str:
 def unsupported(adep: AdapterDeployment) -> str | None:
     """Why this operator version cannot serve the object as asked, or None. Said in status, never
     silently ignored."""
-    if adep.spec.runtime == "vllm":
-        return "runtime vllm is not supported by this operator version yet; use runtime kubetune"
+    if adep.spec.runtime == "vllm" and (problem := vllm_unsupported(adep)):
+        return problem
     if adep.spec.merge_adapter:
         return "mergeAdapter is not supported by this operator version yet"
     return None
@@ -264,31 +533,78 @@ def unsupported(adep: AdapterDeployment) -> str | None:
 # -- status ------------------------------------------------------------------------------------------
 
 
-def adapter_statuses(
-    resolved: list[AdapterResolution], loaded_by_pod: list[dict[str, str]], failures: dict[str, str]
-) -> list[dict[str, Any]]:
-    """Per adapter: how many ready pods serve the desired source. ``loaded_by_pod``: one dict per ready
-    pod, adapter name -> source; ``failures``: adapter name -> last load error."""
+@dataclass(frozen=True)
+class PodReport:
+    """What one ready pod serves. ``loaded``: adapter name -> source it serves; ``failures``: adapter
+    name -> (reason, message) of its failed load (the pod's own record, or this pass's load call)."""
+
+    loaded: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def adapter_statuses(resolved: list[AdapterResolution], reports: list[PodReport]) -> list[dict[str, Any]]:
+    """Per adapter: its state across the ready pods, how many serve the desired source, and why it
+    failed where it did."""
     out = []
     for r in resolved:
-        count = sum(1 for pod in loaded_by_pod if r.uri is not None and pod.get(r.name) == r.uri)
+        count = sum(1 for pod in reports if r.uri is not None and pod.loaded.get(r.name) == r.uri)
+        failures = [pod.failures[r.name] for pod in reports if r.name in pod.failures]
+        reason = ""
         if r.uri is None:
             state, message = "Pending", r.message
-        elif r.name in failures:
-            state, message = "Failed", failures[r.name]
-        elif loaded_by_pod and count == len(loaded_by_pod):
+        elif r.problem:
+            state, reason, message = "Failed", "Unsupported", r.problem
+        elif failures and count < len(reports):
+            state, (reason, message) = "Failed", failures[0]
+            if len(reports) > 1:
+                message = f"{message} (on {len(failures)}/{len(reports)} ready replicas)"
+        elif reports and count == len(reports):
             state, message = "Loaded", ""
         else:
-            state, message = "Loading", f"loaded on {count}/{len(loaded_by_pod)} ready replicas"
+            state, message = "Loading", f"loaded on {count}/{len(reports)} ready replicas"
         out.append(
             {
                 "name": r.name,
                 "source": r.uri or "",
+                "sha256": r.sha256 or "",
                 "state": state,
                 "loadedReplicas": count,
+                "reason": reason,
                 "message": message,
             }
         )
+    return out
+
+
+def adapter_events(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[events.Transition]:
+    """Events (type, reason, message) for adapters whose state changed into or out of Failed since
+    the last status: a Warning when one fails (or fails for another reason, or its source changed),
+    a Normal event when a failed one loads."""
+    before = {a.get("name"): a for a in previous}
+    out = []
+    for adapter in current:
+        old = before.get(adapter["name"]) or {}
+        was_failed = old.get("state") == "Failed"
+        if adapter["state"] == "Failed":
+            same = was_failed and (old.get("reason"), old.get("source")) == (
+                adapter["reason"],
+                adapter["source"],
+            )
+            if not same:
+                out.append(
+                    events.Transition(
+                        events.WARNING,
+                        "AdapterFailed",
+                        f"adapter {adapter['name']} ({adapter['source']}): {adapter['reason']}: "
+                        f"{adapter['message']}"[:1024],
+                    )
+                )
+        elif adapter["state"] == "Loaded" and was_failed:
+            out.append(
+                events.Transition(
+                    events.NORMAL, "AdapterLoaded", f"adapter {adapter['name']} loaded after failing"
+                )
+            )
     return out
 
 
@@ -297,36 +613,50 @@ def conditions_for(
     ready_replicas: int,
     adapters: list[dict[str, Any]],
     route_error: str | None = None,
+    admin_error: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Ready: the replicas are ready and every adapter is settled (Loaded, or Failed and reported);
+    Degraded: something declared does not serve."""
     wanted = adep.spec.replicas
     loaded = sum(1 for a in adapters if a["state"] == "Loaded")
     failed = [a for a in adapters if a["state"] == "Failed"]
     ready = ready_replicas >= wanted and (wanted == 0 or ready_replicas > 0)
+    settled = all(a["state"] in ("Loaded", "Failed") for a in adapters)
     all_loaded = loaded == len(adapters)
 
     def condition(kind: str, status: bool, reason: str, message: str = "") -> dict[str, Any]:
         return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message}
 
+    if admin_error:
+        degraded_reason = "AdminUnauthorized"
+    elif failed:
+        degraded_reason = "AdapterFailed"
+    elif route_error:
+        degraded_reason = "RoutesRejected"
+    else:
+        degraded_reason = "Healthy"
     return [
         condition(
             "Ready",
-            ready and all_loaded,
-            "Serving" if ready and all_loaded else "NotReady",
-            f"{ready_replicas}/{wanted} replicas ready, {loaded}/{len(adapters)} adapters loaded",
+            ready and settled,
+            "Serving" if ready and settled else "NotReady",
+            f"{ready_replicas}/{wanted} replicas ready, {loaded}/{len(adapters)} adapters loaded"
+            + (f", {len(failed)} failed" if failed else ""),
         ),
         condition(
             "Progressing",
-            not (ready and all_loaded),
-            "Rollout" if not ready else ("LoadingAdapters" if not all_loaded else "Complete"),
+            not (ready and settled),
+            "Rollout" if not ready else ("LoadingAdapters" if not settled else "Complete"),
         ),
         condition("AdaptersLoaded", all_loaded, "AllLoaded" if all_loaded else "NotAllLoaded"),
         condition(
             "Degraded",
-            bool(failed or route_error),
-            "AdapterFailed" if failed else ("RoutesRejected" if route_error else "Healthy"),
+            degraded_reason != "Healthy",
+            degraded_reason,
             "; ".join(
                 [
-                    *(f"{a['name']}: {a['message']}" for a in failed),
+                    *([f"admin API: {admin_error}"] if admin_error else []),
+                    *(f"{a['name']}: {a['reason']}: {a['message']}" for a in failed),
                     *([f"routes: {route_error}"] if route_error else []),
                 ]
             ),

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import threading
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -19,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import AdapterDeployment
-from kubetune.operator import kube, serving
+from kubetune.operator import events, kube, serving
 from kubetune.operator.reconcile import OperatorConfig
 from kubetune.operator.status import merge_conditions
 
@@ -29,62 +32,182 @@ PLURAL = "adapterdeployments"
 KIND = "AdapterDeployment"
 
 
-def _call(pod_ip: str, port: int, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+class AdminUnauthorized(Exception):
+    """A pod refused the operator's admin token: a configuration error, not a transient one."""
+
+
+def _call(
+    pod_ip: str,
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = 60.0,
+    token: str | None = None,
+) -> Any:
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
-        f"http://{pod_ip}:{port}{path}",
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
+        f"http://{pod_ip}:{port}{path}", data=data, method=method, headers=headers
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read()
+            # vLLM answers adapter loads and unloads in plain text.
+            is_json = response.headers.get_content_type() == "application/json"
+            return json.loads(data or b"null") if is_json else data.decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        if error.code == 401:
+            raise AdminUnauthorized(f"{method} {path} on {pod_ip}: {_error_details(error)[1]}") from None
+        raise
+
+
+def _error_details(error: Exception) -> tuple[str, str]:
+    """(reason, message) of a failed call: the server's OpenAI-shaped error code and message."""
+    if isinstance(error, urllib.error.HTTPError):
+        try:
+            body = json.loads(error.read())
+            body = body.get("error", body)  # OpenAI's shape, or vLLM's older flat one
+            code = body.get("code")
+            return (code if isinstance(code, str) and code else "LoadError"), str(body["message"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "LoadError", f"HTTP {error.code}"
+    return "LoadError", f"{type(error).__name__}: {error}"
 
 
 def _error_message(error: Exception) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        try:
-            return str(json.loads(error.read())["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            return f"HTTP {error.code}"
-    return f"{type(error).__name__}: {error}"
+    return _error_details(error)[1]
 
 
 #: Key under which a pod's route-table failure is reported among adapter failures.
 ROUTES_KEY = "routes"
 
 
-def sync_pod(pod_ip: str, port: int, plan: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """Make one pod serve the plan's adapters and routes; returns (name -> source loaded, failures
-    by adapter name, plus ``ROUTES_KEY`` when the route table was refused)."""
-    failures: dict[str, str] = {}
-    current = {
-        a["name"]: a["source"] for a in _call(pod_ip, port, "GET", "/v1/adapters", timeout=5)["adapters"]
-    }
-    desired = {a.name: a.uri for a in plan.adapters}
-    for name in set(current) - set(desired):
-        _call(pod_ip, port, "POST", "/v1/unload_lora_adapter", {"lora_name": name})
-        current.pop(name)
-    for name, uri in desired.items():
-        if current.get(name) == uri:
+def sync_pod(pod_ip: str, port: int, plan: Any, token: str | None) -> serving.PodReport:
+    """Make one pod serve the plan's adapters and routes, with the admin ``token``; returns what it
+    serves and which adapters failed there (``ROUTES_KEY`` when the route table was refused).
+
+    An adapter the pod already tried from the same source and hash is not loaded again: the pod
+    retries failed ones itself, with backoff, and its record says why they failed.
+    """
+    report = _call(pod_ip, port, "GET", "/v1/adapters", timeout=5)
+    current = {a["name"]: (a["source"], a.get("sha256")) for a in report["adapters"]}
+    states = {s["name"]: s for s in report.get("states") or []}
+    desired = {a.name: a for a in plan.adapters}
+    failures: dict[str, tuple[str, str]] = {}
+    # Failed ones too: unloading stops the pod's retries.
+    for name in (set(current) | set(states)) - set(desired):
+        _call(pod_ip, port, "POST", "/v1/unload_lora_adapter", {"lora_name": name}, token=token)
+        current.pop(name, None)
+    for name, entry in desired.items():
+        source, sha256 = current.get(name, (None, None))
+        if source == entry.uri and entry.sha256 in (None, sha256):
             continue
+        state = states.get(name) or {}
+        tried = (state.get("source"), state.get("expected_sha256")) == (entry.uri, entry.sha256)
+        if tried and state.get("state") in ("Failed", "Loading"):
+            # A background retry shows as Loading with the last failure's reason: still failed
+            # until it loads, or the status would flap (and post an Event) at every retry.
+            if state.get("reason"):
+                failures[name] = (str(state["reason"]), str(state.get("message") or ""))
+            continue
+        body = {"lora_name": name, "lora_path": entry.uri}
+        if entry.sha256:
+            body["sha256"] = entry.sha256
         try:
-            _call(pod_ip, port, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": uri})
-            current[name] = uri
+            loaded = _call(pod_ip, port, "POST", "/v1/load_lora_adapter", body, token=token)
+            current[name] = (entry.uri, loaded.get("sha256") if isinstance(loaded, dict) else None)
         except (OSError, ValueError) as error:
-            failures[name] = _error_message(error)
-            logger.warning("adapter %s on %s: %s", name, pod_ip, failures[name])
+            failures[name] = _error_details(error)
+            logger.warning("adapter %s on %s: %s", name, pod_ip, failures[name][1])
     routes = [
         {"name": r.name, "backends": [b.model_dump() for b in r.backends if b.adapter in current]}
         for r in plan.routes
     ]
     routes = [r for r in routes if r["backends"]]
+    if routes == report.get("routes"):  # unchanged: a pass over a settled pod writes nothing
+        return serving.PodReport(loaded={n: src for n, (src, _) in current.items()}, failures=failures)
     try:
-        _call(pod_ip, port, "PUT", "/v1/routes", {"routes": routes}, timeout=5)
+        _call(pod_ip, port, "PUT", "/v1/routes", {"routes": routes}, timeout=5, token=token)
     except (OSError, ValueError) as error:
-        failures[ROUTES_KEY] = _error_message(error)
-        logger.warning("routes on %s: %s", pod_ip, failures[ROUTES_KEY])
-    return current, failures
+        failures[ROUTES_KEY] = ("RoutesRejected", _error_message(error))
+        logger.warning("routes on %s: %s", pod_ip, failures[ROUTES_KEY][1])
+    return serving.PodReport(loaded={n: src for n, (src, _) in current.items()}, failures=failures)
+
+
+class Backoff:
+    """Load attempts the operator itself retries (vLLM does not retry a failed adapter): per pod,
+    adapter and source, the last failure and when to try again (5 s, doubling, at most 5 min, as
+    kubetune's own pods do). Kept in memory: a restarted operator tries once more at once."""
+
+    FIRST_S, MAX_S = 5.0, 300.0
+
+    def __init__(self) -> None:
+        self._failures: dict[tuple[str, ...], tuple[int, float, tuple[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def pending(self, key: tuple[str, ...]) -> tuple[str, str] | None:
+        """The recorded failure while ``key`` waits for its next attempt, else None."""
+        with self._lock:
+            attempts, retry_at, failure = self._failures.get(key, (0, 0.0, ("", "")))
+        return failure if attempts and time.monotonic() < retry_at else None
+
+    def failed(self, key: tuple[str, ...], failure: tuple[str, str]) -> None:
+        with self._lock:
+            attempts = self._failures.get(key, (0, 0.0, failure))[0] + 1
+            delay = min(self.MAX_S, self.FIRST_S * 2 ** (attempts - 1))
+            self._failures[key] = (attempts, time.monotonic() + delay, failure)
+
+    def forget(self, prefix: tuple[str, ...]) -> None:
+        with self._lock:
+            for key in [k for k in self._failures if k[: len(prefix)] == prefix]:
+                del self._failures[key]
+
+
+VLLM_BACKOFF = Backoff()
+
+
+def sync_vllm_pod(
+    pod_uid: str, pod_ip: str, port: int, plan: Any, token: str | None, backoff: Backoff = VLLM_BACKOFF
+) -> serving.PodReport:
+    """:func:`sync_pod` for a vLLM pod: its LoRA adapters are the models with a parent (``root`` is
+    the path loaded); loads and unloads go through vLLM's endpoints with the admin token as its API
+    key. A failed load is retried with backoff, not at every pass."""
+    models = _call(pod_ip, port, "GET", "/v1/models", timeout=5, token=token)["data"]
+    current = {m["id"]: m.get("root") for m in models if m.get("parent")}
+    desired = {a.name: (a.uri, serving.vllm_path(a.uri)) for a in plan.adapters}
+    failures: dict[str, tuple[str, str]] = {}
+    loaded: dict[str, str] = {}
+    for name, path in current.items():
+        if name not in desired or desired[name][1] != path:
+            _call(pod_ip, port, "POST", "/v1/unload_lora_adapter", {"lora_name": name}, token=token)
+        else:
+            loaded[name] = desired[name][0]
+    for name, (uri, path) in desired.items():
+        if name in loaded:
+            continue
+        key = (pod_uid, name, str(path))
+        if (failure := backoff.pending(key)) is not None:
+            failures[name] = failure
+            continue
+        try:
+            _call(
+                pod_ip,
+                port,
+                "POST",
+                "/v1/load_lora_adapter",
+                {"lora_name": name, "lora_path": path},
+                token=token,
+            )
+            loaded[name] = uri
+            backoff.forget(key)
+        except (OSError, ValueError) as error:
+            failures[name] = _error_details(error)
+            backoff.failed(key, failures[name])
+            logger.warning("adapter %s on %s: %s", name, pod_ip, failures[name][1])
+    return serving.PodReport(loaded=loaded, failures=failures)
 
 
 def _failed(obj: dict[str, Any], adep: AdapterDeployment, reason: str, message: str) -> dict[str, Any]:
@@ -106,10 +229,11 @@ def _failed(obj: dict[str, Any], adep: AdapterDeployment, reason: str, message: 
 
 
 def _write_status(custom: Any, obj: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    previous = obj.get("status") or {}
-    if desired != {k: v for k, v in previous.items() if k in desired}:
-        meta = obj["metadata"]
-        kube.patch_status(custom, PLURAL, meta["namespace"], meta["name"], desired)
+    """Write the status when it changed (an Event per condition transition comes with it), and an
+    Event per adapter that failed or recovered."""
+    if kube.write_status(custom, PLURAL, obj, desired):
+        previous = (obj.get("status") or {}).get("adapters") or []
+        events.post(obj, serving.adapter_events(previous, desired.get("adapters") or []))
     return desired
 
 
@@ -141,6 +265,9 @@ def reconcile_adapterdeployment(
                 if job is not None:
                     jobs[adapter.fine_tune_job] = job
         resolved = serving.resolve_adapters(adep, jobs)
+        vllm = adep.spec.runtime == "vllm"
+        if vllm:
+            resolved = serving.vllm_refusals(adep, resolved)
         plan = serving.serving_plan(adep, resolved)
         job_claims = sorted(
             {
@@ -154,18 +281,32 @@ def reconcile_adapterdeployment(
         # kubectl scale and an HPA change (through the AdapterDeployment's scale subresource).
         children = [
             serving.plan_configmap(adep, plan),
-            serving.deployment(adep, plan, config.worker, job_claims),
+            serving.deployment(adep, plan, config.worker, job_claims, resolved),
             serving.service(adep),
         ]
         existing = [
             kube.read(api_client, child["kind"], namespace, child["metadata"]["name"]) for child in children
         ]
+        secret = kube.read(api_client, "Secret", namespace, serving.admin_secret_name(adep))
+        budget = serving.disruption_budget(adep)
+        current_budget = kube.read(
+            api_client, "PodDisruptionBudget", namespace, serving.disruption_budget_name(adep)
+        )
         # All or nothing: a Deployment must not start for a Service that belongs to someone else.
-        for current in existing:
+        for current in [*existing, secret, current_budget]:
             if conflict := kube.ownership_problem(current, KIND, adep.metadata.uid):
                 return _write_status(custom, obj, _failed(obj, adep, "ChildConflict", conflict))
+        token = serving.admin_token(secret)
+        if token is None:
+            # Created once: the token is random, so it is applied only when there is none.
+            token = secrets.token_urlsafe(32)
+            kube.apply(api_client, kube.stamped(serving.admin_secret(adep, token)))
         for current, desired_child in zip(existing, children, strict=True):
             kube.apply_if_changed(api_client, current, desired_child)
+        if budget is not None:
+            kube.apply_if_changed(api_client, current_budget, budget)
+        elif current_budget is not None:
+            kube.delete(api_client, "PodDisruptionBudget", namespace, serving.disruption_budget_name(adep))
 
         pods = kube.list_pods(api_client, namespace, serving.selector_string(adep))
         ready_pods = [
@@ -177,21 +318,29 @@ def reconcile_adapterdeployment(
                 for c in (p.get("status") or {}).get("conditions", [])
             )
         ]
-        loaded_by_pod: list[dict[str, str]] = []
-        failures: dict[str, str] = {}
+        reports: list[serving.PodReport] = []
+        route_error = admin_error = None
         for pod in ready_pods:
             try:
-                loaded, pod_failures = sync_pod(pod["status"]["podIP"], adep.spec.service.port, plan)
+                if vllm:
+                    uid, ip = pod["metadata"]["uid"], pod["status"]["podIP"]
+                    report = sync_vllm_pod(uid, ip, adep.spec.service.port, plan, token)
+                else:
+                    report = sync_pod(pod["status"]["podIP"], adep.spec.service.port, plan, token)
+            except AdminUnauthorized as error:
+                admin_error = f"a pod refused the operator's admin token: {error}"
+                logger.warning("pod %s: %s", pod["metadata"]["name"], admin_error)
+                continue
             except (OSError, ValueError) as error:
                 logger.warning("pod %s: %s", pod["metadata"]["name"], _error_message(error))
                 continue
-            loaded_by_pod.append(loaded)
-            failures.update(pod_failures)
+            route_error = route_error or report.failures.pop(ROUTES_KEY, ("", None))[1]
+            reports.append(report)
 
-        adapters = serving.adapter_statuses(resolved, loaded_by_pod, failures)
+        adapters = serving.adapter_statuses(resolved, reports)
         conditions = merge_conditions(
             (obj.get("status") or {}).get("conditions") or [],
-            serving.conditions_for(adep, len(ready_pods), adapters, failures.get(ROUTES_KEY)),
+            serving.conditions_for(adep, len(ready_pods), adapters, route_error, admin_error),
             adep.metadata.generation,
             datetime.now(UTC),
         )

@@ -75,6 +75,8 @@ OPERATOR_NEEDS: dict[tuple[str, str], set[str]] = {
     ("apps", "deployments"): {"get", "create", "patch"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "services"): {"get", "create", "patch"},
+    ("", "secrets"): {"get", "create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

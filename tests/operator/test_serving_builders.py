@@ -4,10 +4,19 @@ Aspects:
 - adapters resolve from FineTuneJob results or URIs; unfinished jobs leave them Pending and out of
   the serving plan, and routes keep only servable backends;
 - the base model's API name never collides with an adapter or route;
-- the Deployment mounts every claim read-only, probes /health, runs non-root, and changes its pod
-  template on adapter changes only under updateStrategy Rolling; its pods carry the managed-by label
-  the operator's pod watch selects on;
-- per-adapter states and conditions from what ready pods report; unsupported options are named.
+- recorded artifact hashes reach the serving plan; trustRemoteCode reaches it too;
+- the Deployment mounts every claim read-only, probes /ready for readiness and /health for
+  liveness, runs non-root, and changes its pod template on adapter changes only under
+  updateStrategy Rolling; its pods carry the managed-by label the operator's pod watch selects on;
+- the admin-token Secret (owned, generated once) and the optional API keys are mounted as whole
+  volumes and named by file, never put in the pod spec;
+- a PodDisruptionBudget exists only for more than one replica;
+- per-adapter states (with the pods' failure reasons) and conditions from what ready pods report:
+  Ready with the adapters that load, Degraded naming those that failed; one Event per failure
+  transition, not per pass; unsupported options are named;
+- runtime vllm: the vLLM Deployment (--enable-lora, --max-loras and --max-lora-rank from the
+  adapters, runtime LoRA updating, the admin token as its API key), and what vLLM cannot serve
+  (other methods, DoRA, ranks above 512, s3:// sources, routes, client API keys) refused by name.
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ from kubetune.operator import serving
 from kubetune.operator.builders import WorkerSettings
 from tests.api.cases import adapterdeployment
 
+SHA = "ab" * 32
 JOBS = {
     "support-lora": {
         "spec": {"output": {"uri": "pvc://adapters/support-lora"}},
-        "status": {"phase": "Succeeded", "result": {"uri": "pvc://adapters/support-lora"}},
+        "status": {"phase": "Succeeded", "result": {"uri": "pvc://adapters/support-lora", "sha256": SHA}},
     }
 }
 
@@ -37,9 +47,14 @@ def _adep(**spec: Any) -> AdapterDeployment:
 def test_resolution_and_plan() -> None:
     adep = _adep()
     resolved = serving.resolve_adapters(adep, JOBS)
-    assert [(r.name, r.uri, r.state) for r in resolved] == [
-        ("support-v1", "pvc://adapters/support-lora", "Resolved"),
-        ("support-v2", "s3://adapters/support-v2", "Resolved"),
+    assert [(r.name, r.uri, r.state, r.sha256) for r in resolved] == [
+        ("support-v1", "pvc://adapters/support-lora", "Resolved", SHA),
+        ("support-v2", "s3://adapters/support-v2", "Resolved", None),
+    ]
+    # The recorded hash reaches the pods: they refuse an artifact replaced after the run.
+    assert [(a.name, a.sha256) for a in serving.serving_plan(adep, resolved).adapters] == [
+        ("support-v1", SHA),
+        ("support-v2", None),
     ]
     pending = serving.resolve_adapters(adep, {"support-lora": {"spec": {}, "status": {"phase": "Running"}}})
     assert pending[0].state == "Pending" and "Running" in pending[0].message
@@ -69,7 +84,9 @@ def test_deployment_and_service() -> None:
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"][-2:] == ["--plan", "/etc/kubetune/serving.json"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    # Ready once every declared adapter was tried; alive as soon as the base is loaded.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [{"claimName": "adapters", "readOnly": True}]
@@ -94,12 +111,63 @@ def test_rolling_strategy_hashes_the_plan() -> None:
     )
 
 
+def test_admin_token_secret_and_api_keys_are_mounted() -> None:
+    adep = _adep(apiKeysSecret="support-keys")
+    plan = serving.serving_plan(adep, serving.resolve_adapters(adep, JOBS))
+    pod = serving.deployment(adep, plan, WorkerSettings(), [])["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for volume, secret, key, variable in (
+        ("admin-token", "support-admin-token", "token", "KUBETUNE_ADMIN_TOKEN_FILE"),
+        ("api-keys", "support-keys", "keys", "KUBETUNE_API_KEY_FILE"),
+    ):
+        source = volumes[volume]["secret"]
+        assert source["secretName"] == secret and source["items"] == [{"key": key, "path": key}]
+        # Whole-volume mounts (no subPath): a rotated Secret reaches the running pod.
+        assert mounts[volume]["readOnly"] is True and "subPath" not in mounts[volume]
+        assert env[variable] == f"{mounts[volume]['mountPath']}/{key}"
+    # The token is in a mounted file, never in the pod spec.
+    assert "KUBETUNE_ADMIN_TOKEN" not in env
+
+    open_api = serving.deployment(_adep(), plan, WorkerSettings(), [])["spec"]["template"]["spec"]
+    assert "api-keys" not in {v["name"] for v in open_api["volumes"]}
+    assert "admin-token" in {v["name"] for v in open_api["volumes"]}
+
+    secret = serving.admin_secret(adep, "s3cr3t")
+    assert secret["metadata"]["name"] == "support-admin-token"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "u1"
+    assert serving.admin_token(secret) == "s3cr3t"
+    assert serving.admin_token(None) is None and serving.admin_token({"data": {}}) is None
+
+
+def test_disruption_budget_only_for_several_replicas() -> None:
+    assert serving.disruption_budget(_adep(replicas=1)) is None
+    budget = serving.disruption_budget(_adep(replicas=3))
+    assert budget is not None
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": serving.selector_labels(_adep())},
+    }
+
+
+def test_trust_remote_code_reaches_the_plan() -> None:
+    adep = _adep(model={"uri": "hf://org/custom", "trustRemoteCode": True})
+    assert serving.serving_plan(adep, serving.resolve_adapters(adep, JOBS)).trust_remote_code is True
+    assert serving.serving_plan(_adep(), []).trust_remote_code is False
+
+
 def test_adapter_states_and_conditions() -> None:
     adep = _adep(replicas=2)
     resolved = serving.resolve_adapters(adep, JOBS)
     both = {"support-v1": "pvc://adapters/support-lora", "support-v2": "s3://adapters/support-v2"}
-    states = serving.adapter_statuses(resolved, [both, {"support-v1": "pvc://adapters/support-lora"}], {})
-    assert [(a["state"], a["loadedReplicas"]) for a in states] == [("Loaded", 2), ("Loading", 1)]
+    one = serving.PodReport(loaded={"support-v1": "pvc://adapters/support-lora"})
+    states = serving.adapter_statuses(resolved, [serving.PodReport(loaded=both), one])
+    assert [(a["state"], a["loadedReplicas"], a["sha256"]) for a in states] == [
+        ("Loaded", 2, SHA),
+        ("Loading", 1, ""),
+    ]
     conditions = {c["type"]: c["status"] for c in serving.conditions_for(adep, 2, states)}
     assert conditions == {
         "Ready": "False",
@@ -108,20 +176,190 @@ def test_adapter_states_and_conditions() -> None:
         "Degraded": "False",
     }
 
-    failed = serving.adapter_statuses(resolved, [both], {"support-v2": "sha256 mismatch"})
-    degraded = serving.conditions_for(adep, 2, failed)
-    assert serving.phase_for(degraded) == "Degraded"
-    assert "support-v2: sha256 mismatch" in next(c for c in degraded if c["type"] == "Degraded")["message"]
+    # A failed adapter is reported with the pod's reason; the replicas still turn Ready with the
+    # adapters that loaded, and Degraded says what does not serve.
+    failed_pod = serving.PodReport(
+        loaded={"support-v1": "pvc://adapters/support-lora"},
+        failures={"support-v2": ("HashMismatch", "adapter_model.safetensors differs from the manifest")},
+    )
+    failed = serving.adapter_statuses(resolved, [failed_pod, failed_pod])
+    assert [(a["state"], a["reason"]) for a in failed] == [("Loaded", ""), ("Failed", "HashMismatch")]
+    assert "(on 2/2 ready replicas)" in failed[1]["message"]
+    degraded = {c["type"]: c for c in serving.conditions_for(adep, 2, failed)}
+    assert degraded["Ready"]["status"] == "True" and "1 failed" in degraded["Ready"]["message"]
+    assert (degraded["Degraded"]["status"], degraded["Degraded"]["reason"]) == ("True", "AdapterFailed")
+    assert "support-v2: HashMismatch: adapter_model" in degraded["Degraded"]["message"]
+    assert serving.phase_for(list(degraded.values())) == "Degraded"
 
-    ready = serving.conditions_for(adep, 2, serving.adapter_statuses(resolved, [both, both], {}))
+    ready = serving.conditions_for(
+        adep, 2, serving.adapter_statuses(resolved, [serving.PodReport(loaded=both)] * 2)
+    )
     assert serving.phase_for(ready) == "Ready"
+
+    refused = {c["type"]: c for c in serving.conditions_for(adep, 2, states, admin_error="HTTP 401")}
+    assert refused["Degraded"]["reason"] == "AdminUnauthorized"
+
+
+def test_events_on_adapter_failure_transitions() -> None:
+    def adapter(state: str, reason: str = "", source: str = "s3://a") -> dict[str, Any]:
+        return {"name": "a", "source": source, "state": state, "reason": reason, "message": "m"}
+
+    def kinds(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(e.type, e.reason) for e in serving.adapter_events(before, after)]
+
+    assert kinds([], [adapter("Failed", "MissingFiles")]) == [("Warning", "AdapterFailed")]
+    assert kinds([adapter("Loading")], [adapter("Failed", "MissingFiles")]) == [("Warning", "AdapterFailed")]
+    # The same failure seen again is no news: one Event per transition, not per pass.
+    assert kinds([adapter("Failed", "MissingFiles")], [adapter("Failed", "MissingFiles")]) == []
+    assert kinds([adapter("Failed", "MissingFiles")], [adapter("Failed", "HashMismatch")]) == [
+        ("Warning", "AdapterFailed")
+    ]
+    assert kinds([adapter("Failed", "X")], [adapter("Failed", "X", source="s3://b")]) == [
+        ("Warning", "AdapterFailed")
+    ]
+    assert kinds([adapter("Failed", "X")], [adapter("Loaded")]) == [("Normal", "AdapterLoaded")]
+    assert kinds([adapter("Loading")], [adapter("Loaded")]) == []
+
+
+def _vllm(adapters: list[dict[str, Any]], **spec: Any) -> AdapterDeployment:
+    return _adep(runtime="vllm", resources={"gpus": 2}, routes=[], adapters=adapters, **spec)
+
+
+def _job(method: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "spec": {"output": {"uri": "pvc://adapters/x"}, "method": method},
+        "status": {"phase": "Succeeded", "result": {"uri": "pvc://adapters/x", "sha256": SHA}},
+    }
+
+
+def test_vllm_deployment_rendering() -> None:
+    adep = _vllm(
+        [{"name": f"a{i}", "fineTuneJob": f"job{i}"} for i in range(3)],
+        model={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "revision": "main", "trustRemoteCode": True},
+    )
+    jobs = {
+        "job0": _job({"type": "lora", "lora": {"rank": 8}}),
+        "job1": _job({"type": "qlora", "lora": {"rank": 40}}),
+        "job2": _job({"type": "lora"}),  # the API's default rank, 16
+    }
+    resolved = serving.vllm_refusals(adep, serving.resolve_adapters(adep, jobs))
+    assert [r.problem for r in resolved] == ["", "", ""]
+    plan = serving.serving_plan(adep, resolved)
+    manifest = serving.deployment(adep, plan, WorkerSettings(image="example/kt:1"), ["adapters"], resolved)
+    pod = manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == serving.VLLM_IMAGE
+    assert container["command"] == ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct"]
+    args = container["args"]
+
+    def flag(name: str) -> str:
+        return str(args[args.index(name) + 1])
+
+    assert "--enable-lora" in args and "--trust-remote-code" in args
+    # Three adapters: --max-loras 4 (room to add one without rolling the pods); rank 40 -> 64,
+    # the next value vLLM accepts.
+    assert (flag("--max-loras"), flag("--max-lora-rank")) == ("4", "64")
+    assert (flag("--served-model-name"), flag("--revision"), flag("--tensor-parallel-size")) == (
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "main",
+        "2",
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    # The admin token is vLLM's API key, from the Secret, never written in the spec.
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "support-admin-token", "key": "token"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["shm"] == {"name": "shm", "emptyDir": {"medium": "Memory"}}
+    assert "admin-token" not in volumes  # vLLM reads its key from the environment
+    # Adapters load through the API after start, so the template does not name them (HotReload).
+    assert not any("a0" in str(a) for a in args)
+
+    assert serving.vllm_path("pvc://adapters/a/b") == "/mnt/pvc/adapters/a/b"
+    assert serving.vllm_path("hf://org/adapter") == "org/adapter"
+    assert serving.vllm_path("s3://bucket/a") is None
+
+
+def test_vllm_limits() -> None:
+    def limits(*ranks: int | None) -> tuple[int, int]:
+        return serving.vllm_lora_limits(
+            [serving.AdapterResolution(f"a{i}", "pvc://c/a", "Resolved", rank=r) for i, r in enumerate(ranks)]
+        )
+
+    assert limits() == (1, 16)
+    assert limits(4) == (1, 8)
+    assert limits(4, 8) == (2, 8)
+    assert limits(1) == (1, 1)
+    assert limits(300, 4, 4, 4, 4) == (8, 320)
+    # A bare uri's rank is unknown: at least vLLM's default.
+    assert limits(4, None) == (2, 16)
+
+
+def test_vllm_refuses_what_it_cannot_serve() -> None:
+    adep = _vllm(
+        [
+            {"name": "ia3", "fineTuneJob": "ia3"},
+            {"name": "dora", "fineTuneJob": "dora"},
+            {"name": "huge", "fineTuneJob": "huge"},
+            {"name": "s3", "uri": "s3://bucket/a"},
+            {"name": "fine", "fineTuneJob": "fine"},
+        ]
+    )
+    jobs = {
+        "ia3": _job({"type": "ia3"}),
+        "dora": _job({"type": "lora", "lora": {"rank": 8, "dora": True}}),
+        "huge": _job({"type": "lora", "lora": {"rank": 1024}}),
+        "fine": _job({"type": "lora", "lora": {"rank": 8}}),
+    }
+    resolved = serving.vllm_refusals(adep, serving.resolve_adapters(adep, jobs))
+    problems = {r.name: r.problem for r in resolved}
+    assert "LoRA adapters only, not method ia3" in problems["ia3"]
+    assert "DoRA" in problems["dora"]
+    assert "rank 1024" in problems["huge"]
+    assert "s3://" in problems["s3"]
+    assert problems["fine"] == ""
+    # Refused adapters never reach the pods, and say why on the resource.
+    assert [a.name for a in serving.serving_plan(adep, resolved).adapters] == ["fine"]
+    states = serving.adapter_statuses(resolved, [serving.PodReport(loaded={"fine": "pvc://adapters/x"})])
+    assert {a["name"]: (a["state"], a["reason"]) for a in states} == {
+        "ia3": ("Failed", "Unsupported"),
+        "dora": ("Failed", "Unsupported"),
+        "huge": ("Failed", "Unsupported"),
+        "s3": ("Failed", "Unsupported"),
+        "fine": ("Loaded", ""),
+    }
+    # The ranks of refused adapters do not size vLLM.
+    assert serving.vllm_lora_limits(resolved) == (1, 8)
+
+    # What the whole object asks that vLLM cannot do is refused in a condition.
+    assert serving.unsupported(adep) is None
+    routed = _adep(runtime="vllm", resources={"gpus": 1})
+    assert "routes need runtime kubetune" in str(serving.unsupported(routed))
+    keyed = _vllm([], apiKeysSecret="keys")
+    assert "apiKeysSecret needs runtime kubetune" in str(serving.unsupported(keyed))
+    from_s3 = _vllm([], model={"uri": "s3://bucket/model"})
+    assert "reads the model from pvc://" in str(serving.unsupported(from_s3))
 
 
 def test_unsupported_options_are_named() -> None:
     assert serving.unsupported(_adep()) is None
-    assert "vllm" in str(serving.unsupported(_adep(runtime="vllm", resources={"gpus": 1})))
     assert "mergeAdapter" in str(
         serving.unsupported(
             _adep(mergeAdapter=True, routes=[], adapters=[{"name": "x", "uri": "s3://bucket/b"}])
         )
     )
+
+
+def test_operator_side_backoff_for_runtimes_that_do_not_retry() -> None:
+    from kubetune.operator.serving_reconcile import Backoff
+
+    backoff = Backoff()
+    key = ("pod-uid", "a", "/mnt/pvc/c/a")
+    assert backoff.pending(key) is None
+    backoff.failed(key, ("LoadError", "rank 64 > max_lora_rank 16"))
+    # Within the backoff the recorded failure answers: the next pass loads nothing.
+    assert backoff.pending(key) == ("LoadError", "rank 64 > max_lora_rank 16")
+    assert backoff.pending(("pod-uid", "a", "/mnt/pvc/c/other")) is None  # a new source tries at once
+    backoff.forget(("pod-uid",))
+    assert backoff.pending(key) is None

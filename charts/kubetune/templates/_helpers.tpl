@@ -96,6 +96,15 @@ kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with 
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create, patch]
+# An AdapterDeployment's admin-token Secret (created once, read each pass for the token the
+# operator sends to its pods) and, with more than one replica, its PodDisruptionBudget (deleted
+# when scaled back to one).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, patch, delete]
 # Worker and serving pods: kopf watches them, the reconcilers list them (ready pods are then called
 # over HTTP, which needs no RBAC).
 - apiGroups: [""]
