@@ -1,8 +1,11 @@
 """The kopf handlers: thin triggers for the level-based reconcile passes.
 
 Reconciles are event-driven. A FineTuneJob is reconciled (:func:`kubetune.operator.reconcile.reconcile`)
-when it is created, when its ``spec.suspend`` changes, when the operator starts (unless its run has
-ended), and whenever its worker Job or one of the Job's pods changes. The only periodic work is
+when it shows a generation this operator process has not reconciled yet (it was created, its
+``spec.suspend`` changed, or the operator started and its run has not ended), and whenever its
+worker Job or one of the Job's pods changes. Its watch events are the only trigger: no kopf
+create/update handler, so kopf writes no annotations on it and never re-runs a creation from a stale
+event; a pass that keeps failing is retried on a timer of its own. The only periodic work is
 polling a training worker's live ``/progress``, and only while a worker pod is running: the timer is
 filtered on the Running condition, so kopf stops it when the run leaves that state.
 
@@ -10,11 +13,17 @@ An AdapterDeployment is reconciled
 (:func:`kubetune.operator.serving_reconcile.reconcile_adapterdeployment`) when it changes, when one of
 its pods changes, and when a FineTuneJob it serves ends or goes away. Finished, suspended and failed
 objects cost no API calls while nothing changes.
+
+Watch-event handlers that usually decide "nothing to do" are coroutines, run on kopf's event loop;
+only the passes go to kopf's thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +34,7 @@ from kubetune.api import v1alpha1
 from kubetune.operator import kube, logs, metrics
 from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
-from kubetune.operator.reconcile import KIND, PLURAL, OperatorConfig, reconcile
+from kubetune.operator.reconcile import KIND, PLURAL, OperatorConfig, PassMemory, reconcile
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
 from kubetune.operator.serving_reconcile import KIND as ADEP_KIND
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
@@ -44,6 +53,9 @@ SERVING_CONVERGE_INTERVAL_S = 5.0
 #: Seconds between attempts of a pass triggered by a child's event. kopf does not retry event
 #: handlers, and the next event may be long in coming: a few quick retries ride out an apiserver hiccup.
 CHILD_EVENT_RETRIES_S = (1.0, 3.0, 10.0)
+#: Seconds before a FineTuneJob whose pass failed (after the quick retries) is tried again, until
+#: a pass works: nothing else may come to wake it.
+FAILED_PASS_RETRY_S = 30.0
 
 
 @kopf.on.startup()
@@ -90,8 +102,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo["api_client"] = metrics.counting_api_client()
     # FineTuneJob name -> what an AdapterDeployment cares about, last time it was seen.
     memo.setdefault("artifacts", {})
-    # Worker Job or pod uid -> what the FineTuneJob's status read from it at the last pass.
-    memo.setdefault("children_seen", {})
+    # Watch-event coroutines hand passes to kopf's thread pool (``_in_pool``).
+    memo["settings"] = settings
+    # What FineTuneJob passes read and reconciled: lets their triggers skip events that change nothing.
+    memo.setdefault("passes", PassMemory())
 
 
 def _retrying(attempt: Callable[[], object], what: str) -> None:
@@ -112,26 +126,86 @@ def _retrying(attempt: Callable[[], object], what: str) -> None:
 def _reconcile(memo: Any, namespace: str | None, name: str) -> None:
     assert namespace is not None, "FineTuneJobs are namespaced"
     with logs.about(KIND, namespace, name), metrics.reconcile_pass(KIND):
-        reconcile(memo["api_client"], namespace, name, memo["config"])
+        reconcile(memo["api_client"], namespace, name, memo["config"], memo["passes"])
 
 
-@kopf.on.resume(*FTJ)
-def finetunejob_resumed(
-    memo: Any, namespace: str | None, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
+def _reconcile_until_it_works(memo: Any, namespace: str | None, name: str) -> None:
+    """A pass with quick retries; when those fail too, again every :data:`FAILED_PASS_RETRY_S` in
+    the background until one works (kopf does not retry event handlers)."""
+    try:
+        _retrying(lambda: _reconcile(memo, namespace, name), f"FineTuneJob {namespace}/{name}")
+    except Exception:
+        logger.exception(
+            "FineTuneJob %s/%s: pass failed, retrying in %.0f s", namespace, name, FAILED_PASS_RETRY_S
+        )
+        context = contextvars.copy_context()  # kopf's event poster lives in the context
+        retry = threading.Timer(
+            FAILED_PASS_RETRY_S, context.run, args=(_reconcile_until_it_works, memo, namespace, name)
+        )
+        retry.daemon = True
+        retry.start()
+
+
+async def _in_pool(memo: Any, work: Callable[[], None]) -> None:
+    """Run blocking work in kopf's thread pool, in a copy of this context (as kopf runs sync handlers)."""
+    context = contextvars.copy_context()
+    await asyncio.get_running_loop().run_in_executor(memo["settings"].execution.executor, context.run, work)
+
+
+def _needs_pass(memo: Any, type: str, uid: str, meta: kopf.Meta, status: kopf.Status) -> bool:
+    """Whether a FineTuneJob's event may change what a pass would do: a generation this process has
+    not reconciled. Our own status writes, and events older than them, show one it has."""
+    generation = meta.get("generation")
+    reconciled: dict[str, int | None] = memo["passes"].generations
+    if reconciled.get(uid) == generation:
+        return False
+    if not type and ftj_status.finished(dict(status)) and status.get("observedGeneration") == generation:
+        # The operator's start: a run that ended at this generation has nothing left to do.
+        reconciled[uid] = generation
+        return False
+    return True
+
+
+@kopf.on.event(*FTJ)
+async def finetunejob_event(
+    memo: Any,
+    namespace: str | None,
+    name: str,
+    uid: str,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    type: str,
+    **kwargs: Any,
 ) -> None:
-    # A run that ended at this generation has nothing left to do: operator restarts cost nothing.
-    if ftj_status.finished(dict(status)) and status.get("observedGeneration") == meta.get("generation"):
+    """Every event of a FineTuneJob: a pass when it shows a new generation; the objects-by-phase
+    metric; and the AdapterDeployments that serve its artifact, woken when that changes (the run
+    ends, the object goes), not on every progress update."""
+    metrics.record_phase(
+        KIND, namespace or "", name, None if type == "DELETED" else status.get("phase", "Pending")
+    )
+    if type == "DELETED":
+        kube.forget(PLURAL, namespace or "", name)
+        memo["passes"].generations.pop(uid, None)
+    elif _needs_pass(memo, type, uid, meta, status):
+        await _in_pool(memo, lambda: _reconcile_until_it_works(memo, namespace, name))
+
+    serving_by_finetunejob: kopf.Index[Any, str] = kwargs["serving_by_finetunejob"]
+    key = (namespace, name)
+    artifact = None if type == "DELETED" else (status.get("phase"), (status.get("result") or {}).get("uri"))
+    if memo["artifacts"].get(key, ()) == artifact:
         return
-    _reconcile(memo, namespace, name)
-
-
-# Every pass reads the object rather than use kopf's body: under load kopf may run the creation
-# handler again from an event older than the pass's own status write, and whether the run has ended
-# must not come from such a copy (a Job deleted by its TTL would be created again).
-@kopf.on.create(*FTJ)
-@kopf.on.update(*FTJ, field="spec.suspend")  # the rest of the spec is immutable
-def finetunejob_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+    memo["artifacts"][key] = artifact
+    if not type or key not in serving_by_finetunejob:
+        return  # the initial listing: AdapterDeployments resume on their own
+    for adep in list(serving_by_finetunejob[key]):
+        await _in_pool(
+            memo,
+            lambda adep=adep: _retrying(  # type: ignore[misc]
+                lambda: _reconcile_serving(memo, namespace, adep), f"AdapterDeployment {namespace}/{adep}"
+            ),
+        )
+    if type == "DELETED":
+        memo["artifacts"].pop(key, None)
 
 
 def _training(status: kopf.Status, **_: Any) -> bool:
@@ -145,10 +219,16 @@ def finetunejob_progress(memo: Any, namespace: str | None, name: str, **_: Any) 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
-def worker_changed(
-    memo: Any, namespace: str | None, labels: kopf.Labels, type: str, body: kopf.Body, uid: str, **_: Any
+async def worker_changed(
+    memo: Any,
+    namespace: str | None,
+    labels: kopf.Labels,
+    type: str,
+    body: kopf.Body,
+    uid: str,
+    **_: Any,
 ) -> None:
-    seen: dict[str, tuple[Any, ...]] = memo["children_seen"]
+    seen: dict[str, tuple[Any, ...]] = memo["passes"].children
     fingerprint = ftj_status.child_fingerprint(dict(body))
     if type == "DELETED":
         seen.pop(uid, None)
@@ -158,9 +238,12 @@ def worker_changed(
         seen[uid] = fingerprint
         return
     owner = labels[LABEL_FINETUNEJOB]
-    _retrying(lambda: _reconcile(memo, namespace, owner), f"FineTuneJob {namespace}/{owner}")
-    if type != "DELETED":
-        seen[uid] = fingerprint  # only after a pass that worked: a failed one is retried next event
+    # A pass that works records what it read in ``seen``; a failed one does not, so the next event
+    # of this child tries again.
+    await _in_pool(
+        memo,
+        lambda: _retrying(lambda: _reconcile(memo, namespace, owner), f"FineTuneJob {namespace}/{owner}"),
+    )
 
 
 # -- AdapterDeployment -------------------------------------------------------------------------------
@@ -202,7 +285,7 @@ def adapterdeployment_converge(memo: Any, namespace: str | None, name: str, **_:
 
 
 @kopf.on.event(*ADEP)
-def adapterdeployment_event(
+async def adapterdeployment_event(
     namespace: str | None, name: str, status: kopf.Status, type: str, **_: Any
 ) -> None:
     phase = None if type == "DELETED" else status.get("phase", "Pending")
@@ -217,33 +300,3 @@ def serving_pod_changed(memo: Any, namespace: str | None, labels: kopf.Labels, t
         return
     owner = labels[LABEL_ADAPTERDEPLOYMENT]
     _retrying(lambda: _reconcile_serving(memo, namespace, owner), f"AdapterDeployment {namespace}/{owner}")
-
-
-@kopf.on.event(*FTJ)
-def finetunejob_event(
-    memo: Any,
-    namespace: str | None,
-    name: str,
-    status: kopf.Status,
-    type: str,
-    **kwargs: Any,
-) -> None:
-    """An AdapterDeployment serves what its FineTuneJobs published: wake it when that changes (the
-    run ends, the object goes), not on every progress update."""
-    serving_by_finetunejob: kopf.Index[Any, str] = kwargs["serving_by_finetunejob"]
-    metrics.record_phase(
-        KIND, namespace or "", name, None if type == "DELETED" else status.get("phase", "Pending")
-    )
-    if type == "DELETED":
-        kube.forget(PLURAL, namespace or "", name)
-    key = (namespace, name)
-    artifact = None if type == "DELETED" else (status.get("phase"), (status.get("result") or {}).get("uri"))
-    if memo["artifacts"].get(key, ()) == artifact:
-        return
-    memo["artifacts"][key] = artifact
-    if not type or key not in serving_by_finetunejob:
-        return  # the initial listing: AdapterDeployments resume on their own
-    for adep in list(serving_by_finetunejob[key]):
-        _retrying(lambda: _reconcile_serving(memo, namespace, adep), f"AdapterDeployment {namespace}/{adep}")  # noqa: B023
-    if type == "DELETED":
-        memo["artifacts"].pop(key, None)

@@ -118,8 +118,31 @@ def ensure_worker(
     return worker, None
 
 
-def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig) -> dict[str, Any] | None:
-    """Bring one FineTuneJob's children and status in line; returns the status written (or None)."""
+@dataclass
+class PassMemory:
+    """What passes leave behind for the triggers of later ones, in one operator process. Never an
+    input of a pass itself (a pass reads the world), only a way to skip events that cannot change
+    its outcome."""
+
+    #: Worker Job or pod uid -> :func:`status.child_fingerprint` of it as a pass last read it.
+    children: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    #: FineTuneJob uid -> the generation a pass last reconciled.
+    generations: dict[str, int | None] = field(default_factory=dict)
+
+
+def reconcile(
+    api_client: Any,
+    namespace: str,
+    name: str,
+    config: OperatorConfig,
+    memory: PassMemory | None = None,
+) -> dict[str, Any] | None:
+    """Bring one FineTuneJob's children and status in line; returns the status written (or None).
+
+    ``memory`` gets the Job and pods this pass read (their watch events that show nothing newer,
+    such as the Job's ADDED right after its creation, need no pass of their own) and the generation
+    it reconciled.
+    """
     from kubernetes import client
 
     custom = client.CustomObjectsApi(api_client)
@@ -154,6 +177,9 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
             if running:
                 progress = _fetch_progress(running[0], config.progress_timeout_s)
 
+        if memory is not None:
+            for child in [worker, *pods] if worker is not None else pods:
+                memory.children[child["metadata"]["uid"]] = status.child_fingerprint(child)
         seen = status.Observed(
             job=worker,
             pods=pods,
@@ -171,4 +197,6 @@ def reconcile(api_client: Any, namespace: str, name: str, config: OperatorConfig
         )
         if kube.write_status(custom, PLURAL, obj, desired):
             logger.debug("status: %s", json.dumps(desired)[:500])
+        if memory is not None:
+            memory.generations[obj["metadata"]["uid"]] = obj["metadata"].get("generation")
         return desired
