@@ -15,7 +15,8 @@ from typing import Any
 from kubetune.api import methods
 from kubetune.api.v1alpha1 import AdapterDeployment
 from kubetune.operator import events, kube
-from kubetune.operator.builders import LABEL_COMPONENT, LABEL_MANAGED_BY, WorkerSettings, pod_spec_with
+from kubetune.operator.config import WorkerSettings
+from kubetune.operator.pods import LABEL_COMPONENT, LABEL_MANAGED_BY, pod_spec_with
 from kubetune.operator.render import PVC_MOUNT_ROOT
 from kubetune.worker.serving_plan import AdapterEntry, RouteBackend, RouteEntry, ServingPlan
 
@@ -136,6 +137,7 @@ def serving_plan(adep: AdapterDeployment, resolved: list[AdapterResolution]) -> 
         routes=routes,
         pvc_mount_root=PVC_MOUNT_ROOT,
         cache_dir=CACHE_DIR,
+        merge_adapter=adep.spec.merge_adapter,
     )
 
 
@@ -173,7 +175,9 @@ def plan_configmap(adep: AdapterDeployment, plan: ServingPlan) -> dict[str, Any]
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(adep, configmap_name(adep)),
-        "data": {PLAN_KEY: plan.model_dump_json(indent=2)},
+        # Fields at their defaults are left out: a serving image older than the operator still
+        # reads every plan that uses nothing it lacks.
+        "data": {PLAN_KEY: plan.model_dump_json(indent=2, exclude_defaults=True)},
     }
 
 
@@ -525,8 +529,8 @@ def unsupported(adep: AdapterDeployment) -> str | None:
     silently ignored."""
     if adep.spec.runtime == "vllm" and (problem := vllm_unsupported(adep)):
         return problem
-    if adep.spec.merge_adapter:
-        return "mergeAdapter is not supported by this operator version yet"
+    if adep.spec.merge_adapter and adep.spec.runtime == "vllm":
+        return "mergeAdapter needs runtime kubetune (vLLM serves adapters unmerged)"
     return None
 
 

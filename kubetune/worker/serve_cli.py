@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a batch may wait for the requests of the previous batch to come back; at most a "
         "quarter of that batch's duration (default 100 ms)",
     )
+    parser.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="serve the one LoRA adapter merged into the base weights (no adapter cost per token; the base "
+        "is then not served under its own name); with --plan, the plan's merge_adapter",
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -120,12 +126,13 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=plan.cache_dir,
             adapter_roots=roots,
             trust_remote_code=plan.trust_remote_code,
+            merge=plan.merge_adapter or args.merge_adapter,
         )
         server.base_name = plan.served_model_name
         adapters += [(a.name, a.uri, a.sha256) for a in plan.adapters]
         routes += [(r.name, [(b.adapter, b.weight) for b in r.backends]) for r in plan.routes]
     else:
-        server = ModelServer(args.model, device=device, adapter_roots=roots)
+        server = ModelServer(args.model, device=device, adapter_roots=roots, merge=args.merge_adapter)
     if args.served_model_name:
         server.base_name = args.served_model_name
     if server.adapter_roots is None:

@@ -312,9 +312,12 @@ class ModelServer:
         cache_dir: str = "/tmp/kubetune-cache",
         adapter_roots: Sequence[str | Path] | None = None,
         trust_remote_code: bool = False,
+        merge: bool = False,
     ) -> None:
+        """``merge``: serve one adapter merged into the base weights (mergeAdapter); the base is then
+        not served under its own name."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.base_path = Path(base_path)
         self.device = torch.device(device)
@@ -324,11 +327,7 @@ class ModelServer:
         # Batched generation of a decoder-only model pads on the left.
         self.tokenizer.padding_side = "left"
         # transformers stubs type .to()/.generate() too narrowly for a model loaded by Auto*.
-        self.base: Any = cast(
-            Any, AutoModelForCausalLM.from_pretrained(self.base_path, trust_remote_code=trust_remote_code)
-        )
-        self.base.to(self.device)
-        self.base.eval()
+        self.base: Any = self._load_base()
         self.base_config_sha256 = _config_sha256(self.base_path)
         self.base_name = self.base_path.name
         eos = self.base.generation_config.eos_token_id
@@ -359,6 +358,18 @@ class ModelServer:
         )
         self._retry_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.merge = merge
+        self.merged: str | None = None  # the adapter whose weights are merged into self.base
+
+    def _load_base(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        # transformers stubs type .to()/.generate() too narrowly for a model loaded by Auto*.
+        base = cast(
+            Any,
+            AutoModelForCausalLM.from_pretrained(self.base_path, trust_remote_code=self.trust_remote_code),
+        )
+        return base.to(self.device).eval()
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -518,6 +529,10 @@ class ModelServer:
         # LoRA-format adapters (the ones vLLM could serve too) share the stacked LoRA host.
         info = methods.registry().get(manifest["method"])
         is_lora = manifest["format"] == "peft" and info is not None and info.serving.vllm
+        if self.merge:
+            return self._load_merged(
+                name, source, directory, manifest, mergeable=bool(info and info.serving.merges)
+            )
         instance = None
         if not is_lora:  # its own model: built outside the lock, requests keep flowing meanwhile
             instance = load_trained_model(directory, self.base_path, trust_remote_code=self.trust_remote_code)
@@ -553,11 +568,53 @@ class ModelServer:
         logger.info("loaded adapter %s (%s) from %s", name, loaded.method, directory)
         return loaded
 
+    def _load_merged(
+        self, name: str, source: str, directory: Path, manifest: dict[str, Any], *, mergeable: bool
+    ) -> LoadedAdapter:
+        """Merge the adapter into the base weights (PEFT's merge_and_unload): plain layers, no adapter
+        cost per token. The one adapter of the server; replacing it starts from a fresh base."""
+        from peft import PeftModel
+
+        if not (mergeable and manifest["format"] == "peft"):
+            raise AdapterLoadError(
+                "UnsupportedArtifact",
+                f"adapter {name}: mergeAdapter merges PEFT adapters of "
+                f"{', '.join(n for n, info in methods.registry().items() if info.serving.merges)}, "
+                f"not {manifest['method']} ({manifest['format']})",
+            )
+        with self.model_lock:
+            others = [n for n in self.adapters if n != name]
+            if others:
+                raise AdapterLoadError(
+                    "UnsupportedArtifact",
+                    f"adapter {name}: mergeAdapter serves one adapter, {others[0]} is it",
+                )
+            if self.merged is not None:  # the base holds another version's weights
+                self.adapters.pop(self.merged, None)
+                self.base, self.merged = self._load_base(), None
+            self.base = PeftModel.from_pretrained(self.base, directory).merge_and_unload().eval()
+            self.merged = name
+            loaded = LoadedAdapter(
+                name=name,
+                source=source,
+                sha256=_manifest_sha256(directory),
+                method=manifest["method"],
+                format=manifest["format"],
+                shared=False,
+                instance=self.base,
+            )
+            self.adapters[name] = loaded
+            self._attachments += 1
+        logger.info("merged adapter %s (%s) from %s into the base", name, loaded.method, directory)
+        return loaded
+
     def _detach(self, name: str) -> None:
         loaded = self.adapters.pop(name)
         self._attachments += 1
         if loaded.shared:
             self._lora_host.delete_adapter(name)
+        if name == self.merged:  # the base's own weights again
+            self.base, self.merged = self._load_base(), None
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving ``name`` (loaded or failed); it is no longer retried."""
@@ -623,7 +680,8 @@ class ModelServer:
                 raise
 
     def model_names(self) -> list[str]:
-        return [self.base_name, *self.adapters, *self.routes]
+        base = [] if self.merged else [self.base_name]
+        return [*base, *self.adapters, *self.routes]
 
     def resolve(self, model: str) -> str:
         """The adapter (or base) name a request for ``model`` is served by.
@@ -637,6 +695,8 @@ class ModelServer:
             if not live:
                 raise ModelNotReady(f"route {model!r}: none of its adapters is loaded")
             return self._rng.choices([a for a, _ in live], weights=[w for _, w in live])[0]
+        if model == self.base_name and self.merged:
+            raise UnknownModel(f"model {model!r} is not served: adapter {self.merged} is merged into it")
         if model == self.base_name or model in self.adapters:
             return model
         state = self.states.get(model)
@@ -668,6 +728,10 @@ class ModelServer:
         """Which ``generate`` call can serve ``adapter``: LoRA adapters that PEFT can mix and the base
         share one; any other adapter has its own. Raises :class:`UnknownModel` if it was unloaded."""
         if adapter == self.base_name:
+            if self.merged:
+                raise UnknownModel(
+                    f"model {adapter!r} is not served: adapter {self.merged} is merged into it"
+                )
             return "lora" if self._lora_host is not None else "base"
         loaded = self.adapters.get(adapter)
         if loaded is None:

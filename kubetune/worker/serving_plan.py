@@ -48,6 +48,11 @@ class ServingPlan(_Model):
     routes: list[RouteEntry] = Field(default_factory=list)
     pvc_mount_root: str = Field(default="/mnt/pvc", description="Where pvc://claim/path is mounted.")
     cache_dir: str = Field(default="/tmp/kubetune-cache", description="Download cache for hf:// and s3://.")
+    merge_adapter: bool = Field(
+        default=False,
+        description="Serve the one LoRA adapter merged into the base weights (the base is then not served "
+        "under its own name).",
+    )
     adapter_roots: list[str] = Field(
         default_factory=list,
         description="Directories adapters may be loaded from, besides pvc_mount_root and cache_dir "

@@ -26,6 +26,7 @@ from typing import Any
 from kubetune.api.v1alpha1 import AdapterDeployment
 from kubetune.operator import serving
 from kubetune.operator.builders import WorkerSettings
+from kubetune.worker.serving_plan import ServingPlan
 from tests.api.cases import adapterdeployment
 
 SHA = "ab" * 32
@@ -342,13 +343,19 @@ def test_vllm_refuses_what_it_cannot_serve() -> None:
     assert "reads the model from pvc://" in str(serving.unsupported(from_s3))
 
 
-def test_unsupported_options_are_named() -> None:
-    assert serving.unsupported(_adep()) is None
-    assert "mergeAdapter" in str(
-        serving.unsupported(
-            _adep(mergeAdapter=True, routes=[], adapters=[{"name": "x", "uri": "s3://bucket/b"}])
-        )
-    )
+def test_merge_adapter_reaches_the_plan_and_vllm_refuses_it() -> None:
+    merged = _adep(mergeAdapter=True, routes=[], adapters=[{"name": "x", "uri": "s3://bucket/b"}])
+    assert serving.unsupported(merged) is None
+    assert serving.serving_plan(merged, serving.resolve_adapters(merged, {})).merge_adapter is True
+    plain = serving.serving_plan(_adep(), [])
+    assert plain.merge_adapter is False
+    # The ConfigMap leaves defaults out (an older serving image reads it) and round-trips.
+    text = serving.plan_configmap(_adep(), plain)["data"][serving.PLAN_KEY]
+    assert "merge_adapter" not in text and ServingPlan.model_validate_json(text) == plain
+    text = serving.plan_configmap(merged, serving.serving_plan(merged, []))["data"][serving.PLAN_KEY]
+    assert ServingPlan.model_validate_json(text).merge_adapter is True
+    on_vllm = _vllm([{"name": "x", "uri": "pvc://c/x"}], mergeAdapter=True)
+    assert "mergeAdapter needs runtime kubetune" in str(serving.unsupported(on_vllm))
 
 
 def test_operator_side_backoff_for_runtimes_that_do_not_retry() -> None:
