@@ -7,18 +7,17 @@ every rendering decision has a fast unit test. Names are deterministic (``<name>
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api.v1alpha1 import FineTuneJob, PodTemplateOverrides
+from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.operator import kube
+from kubetune.operator.config import WorkerSettings
+from kubetune.operator.pods import LABEL_COMPONENT, LABEL_MANAGED_BY, pod_spec_with
 from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
 from kubetune.worker import plan as wp
 from kubetune.worker.errors import ERROR_TYPES, Preempted
 
 LABEL_FINETUNEJOB = "kubetune.dev/finetunejob"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 #: Pod-template labels copied onto the worker Job too: Kueue reads them from the Job.
 KUEUE_LABELS = (LABEL_KUEUE_QUEUE, "kueue.x-k8s.io/priority-class")
@@ -28,79 +27,6 @@ CONTAINER = "worker"
 #: The worker turns SIGTERM into a checkpoint and exits with this code: a retry resumes, so it must
 #: not count against backoffLimit.
 PREEMPTED_EXIT_CODE = Preempted.exit_code
-#: Non-root identity of worker pods (the image's user); fsGroup makes mounted claims writable.
-WORKER_UID = 1000
-SCRATCH_VOLUME = "tmp"
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Operator-wide defaults for worker and serving pods (set from the operator's command line)."""
-
-    image: str = "ghcr.io/kubetune/worker:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    #: Serving pods' image and pull policy; empty: the worker's (one image holds train and serve).
-    server_image: str = ""
-    server_image_pull_policy: str = ""
-    #: Secret names for imagePullSecrets, used when the object's podTemplate names none.
-    image_pull_secrets: tuple[str, ...] = ()
-    #: ServiceAccounts for pods whose podTemplate names none; empty: the namespace's default.
-    service_account: str = ""
-    server_service_account: str = ""
-
-
-def pod_spec_with(
-    containers: list[dict[str, Any]],
-    volumes: list[dict[str, Any]],
-    overrides: PodTemplateOverrides | None,
-    *,
-    service_account: str = "",
-    image_pull_secrets: tuple[str, ...] = (),
-    **fields: Any,
-) -> dict[str, Any]:
-    """A pod spec for kubetune's pods: non-root, read-only root with /tmp as an emptyDir, seccomp,
-    no service links, no API token (workers and servers never call the API), the operator's
-    default service account and pull secrets, plus the user's scheduling overrides (node selector,
-    tolerations, affinity, priority, service account, pull secrets)."""
-    # The root filesystem is read-only (the images are built for it); /tmp is the one scratch
-    # path every process expects, so each pod gets it as an emptyDir.
-    containers = [
-        {
-            **c,
-            "volumeMounts": [*c.get("volumeMounts", []), {"name": SCRATCH_VOLUME, "mountPath": "/tmp"}],
-            "securityContext": {**c.get("securityContext", {}), "readOnlyRootFilesystem": True},
-        }
-        for c in containers
-    ]
-    volumes = [*volumes, {"name": SCRATCH_VOLUME, "emptyDir": {}}]
-    spec: dict[str, Any] = {
-        **fields,
-        **({"serviceAccountName": service_account} if service_account else {}),
-        **({"imagePullSecrets": [{"name": s} for s in image_pull_secrets]} if image_pull_secrets else {}),
-        "automountServiceAccountToken": False,
-        "containers": containers,
-        "volumes": volumes,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "enableServiceLinks": False,
-    }
-    if overrides:
-        for key, value in (
-            ("nodeSelector", overrides.node_selector),
-            ("tolerations", overrides.tolerations),
-            ("affinity", overrides.affinity),
-            ("priorityClassName", overrides.priority_class_name),
-            ("serviceAccountName", overrides.service_account_name),
-            ("imagePullSecrets", overrides.image_pull_secrets),
-        ):
-            if value:
-                spec[key] = value
-    return spec
 
 
 def plan_configmap_name(job: FineTuneJob) -> str:

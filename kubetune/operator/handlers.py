@@ -34,7 +34,8 @@ from kubetune.api import v1alpha1
 from kubetune.operator import kube, logs, metrics
 from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
-from kubetune.operator.reconcile import KIND, PLURAL, OperatorConfig, PassMemory, reconcile
+from kubetune.operator.config import OperatorConfig
+from kubetune.operator.reconcile import KIND, PLURAL, PassMemory, reconcile
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
 from kubetune.operator.serving_reconcile import KIND as ADEP_KIND
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL

@@ -7,7 +7,7 @@ import random
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kubetune.operator.builders import WorkerSettings
+    from kubetune.operator.config import WorkerSettings
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def worker_settings(args: argparse.Namespace) -> WorkerSettings:
     """The worker and serving pods' defaults from the command line (unset flags keep the defaults)."""
-    from kubetune.operator.builders import WorkerSettings
+    from kubetune.operator.config import WorkerSettings
 
     defaults = WorkerSettings()
     return WorkerSettings(
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from kubetune.operator import handlers, logs  # handlers: registers the handlers
-    from kubetune.operator.reconcile import OperatorConfig
+    from kubetune.operator.config import OperatorConfig
 
     logs.configure(verbose=args.verbose, json_format=args.log_format == "json")
     del handlers

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.operator import builders, kube, status
+from kubetune.operator.config import OperatorConfig
 from kubetune.operator.render import PROGRESS_PORT, training_plan
 from kubetune.worker import plan as wp
 from kubetune.worker.plan import ProgressReport
@@ -41,15 +42,6 @@ KIND = "FineTuneJob"
 #: :data:`kube.FIELD_MANAGER`, which applied the whole Job at creation: applying only the one field
 #: under that manager would release every other field it owns.
 SUSPEND_FIELD_MANAGER = "kubetune-suspend"
-
-
-@dataclass
-class OperatorConfig:
-    """Operator-wide settings, fixed at start-up."""
-
-    worker: builders.WorkerSettings = field(default_factory=builders.WorkerSettings)
-    #: Seconds to wait for a worker's /progress answer; a slow worker must not stall reconciles.
-    progress_timeout_s: float = 1.0
 
 
 def _fetch_progress(pod: dict[str, Any], timeout: float) -> ProgressReport | None:

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import AdapterDeployment
 from kubetune.operator import events, kube, serving
-from kubetune.operator.reconcile import OperatorConfig
-from kubetune.operator.status import merge_conditions
+from kubetune.operator.conditions import merge_conditions
+from kubetune.operator.config import OperatorConfig
 
 logger = logging.getLogger("kubetune.operator.serving")
 

@@ -21,14 +21,11 @@ from datetime import datetime
 from typing import Any
 
 from kubetune.operator.builders import CONTAINER, PREEMPTED_EXIT_CODE
+from kubetune.operator.conditions import merge_conditions
 from kubetune.worker.errors import REASON_BY_EXIT_CODE
 from kubetune.worker.plan import ProgressReport
 
 CONDITION_TYPES = ("Feasible", "Suspended", "Running", "Succeeded", "Failed")
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -239,25 +236,6 @@ def training(status: dict[str, Any] | None) -> bool:
         c.get("type") == "Running" and c.get("status") == "True" and c.get("reason") == "Training"
         for c in (status or {}).get("conditions") or []
     )
-
-
-def merge_conditions(
-    previous: list[dict[str, Any]], desired: list[dict[str, Any]], generation: int | None, now: datetime
-) -> list[dict[str, Any]]:
-    """Stamp observedGeneration and keep lastTransitionTime while a condition's status is unchanged."""
-    before = {c.get("type"): c for c in previous}
-    merged = []
-    for condition in desired:
-        old = before.get(condition["type"])
-        since = old.get("lastTransitionTime") if old and old.get("status") == condition["status"] else None
-        merged.append(
-            {
-                **condition,
-                "lastTransitionTime": since or rfc3339(now),
-                **({"observedGeneration": generation} if generation is not None else {}),
-            }
-        )
-    return merged
 
 
 def phase_of(conditions: list[dict[str, Any]]) -> str:

@@ -1,0 +1,30 @@
+"""Operator-wide settings, fixed at start-up from the command line; both controllers read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Operator-wide defaults for worker and serving pods (set from the operator's command line)."""
+
+    image: str = "ghcr.io/kubetune/worker:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    #: Serving pods' image and pull policy; empty: the worker's (one image holds train and serve).
+    server_image: str = ""
+    server_image_pull_policy: str = ""
+    #: Secret names for imagePullSecrets, used when the object's podTemplate names none.
+    image_pull_secrets: tuple[str, ...] = ()
+    #: ServiceAccounts for pods whose podTemplate names none; empty: the namespace's default.
+    service_account: str = ""
+    server_service_account: str = ""
+
+
+@dataclass
+class OperatorConfig:
+    """Operator-wide settings, fixed at start-up."""
+
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    #: Seconds to wait for a worker's /progress answer; a slow worker must not stall reconciles.
+    progress_timeout_s: float = 1.0
