@@ -134,7 +134,7 @@ try:
 
     # The operator's pass loads the adapter, with the token.
     begin = time.monotonic()
-    report = serving_reconcile.sync_vllm_pod("smoke-pod", "127.0.0.1", port, plan, token)
+    report = serving_reconcile.sync_vllm_pod(("smoke", "pod"), "127.0.0.1", port, plan, token)
     results["adapter_load_seconds"] = round(time.monotonic() - begin, 2)
     results["checks"]["adapter_loaded"] = report.loaded == {"smoke-lora": f"file://{adapter}"}
     results["failures"] = report.failures
@@ -164,7 +164,7 @@ try:
 
     # Unloading through the operator's code.
     empty = ServingPlan(model_uri=plan.model_uri, served_model_name=plan.served_model_name)
-    serving_reconcile.sync_vllm_pod("smoke-pod", "127.0.0.1", port, empty, token)
+    serving_reconcile.sync_vllm_pod(("smoke", "pod"), "127.0.0.1", port, empty, token)
     request = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {token}"})
     served = [m["id"] for m in json.loads(urllib.request.urlopen(request, timeout=30).read())["data"]]
     results["checks"]["unloaded"] = "smoke-lora" not in served

@@ -138,8 +138,8 @@ def sync_pod(pod_ip: str, port: int, plan: Any, token: str | None) -> serving.Po
 
 
 class Backoff:
-    """Load attempts the operator itself retries (vLLM does not retry a failed adapter): per pod,
-    adapter and source, the last failure and when to try again (5 s, doubling, at most 5 min, as
+    """Load attempts the operator itself retries (vLLM does not retry a failed adapter): per owner,
+    pod, adapter and source, the last failure and when to try again (5 s, doubling, at most 5 min, as
     kubetune's own pods do). Kept in memory: a restarted operator tries once more at once."""
 
     FIRST_S, MAX_S = 5.0, 300.0
@@ -160,6 +160,12 @@ class Backoff:
             delay = min(self.MAX_S, self.FIRST_S * 2 ** (attempts - 1))
             self._failures[key] = (attempts, time.monotonic() + delay, failure)
 
+    def keep_only(self, owner_uid: str, pod_uids: set[str]) -> None:
+        """Drop the records of ``owner_uid``'s pods not in ``pod_uids`` (those that went away)."""
+        with self._lock:
+            for key in [k for k in self._failures if k[0] == owner_uid and k[1] not in pod_uids]:
+                del self._failures[key]
+
     def forget(self, prefix: tuple[str, ...]) -> None:
         with self._lock:
             for key in [k for k in self._failures if k[: len(prefix)] == prefix]:
@@ -170,9 +176,15 @@ VLLM_BACKOFF = Backoff()
 
 
 def sync_vllm_pod(
-    pod_uid: str, pod_ip: str, port: int, plan: Any, token: str | None, backoff: Backoff = VLLM_BACKOFF
+    pod: tuple[str, str],
+    pod_ip: str,
+    port: int,
+    plan: Any,
+    token: str | None,
+    backoff: Backoff = VLLM_BACKOFF,
 ) -> serving.PodReport:
-    """:func:`sync_pod` for a vLLM pod: its LoRA adapters are the models with a parent (``root`` is
+    """:func:`sync_pod` for a vLLM pod (``pod``: its owner's uid and its own, keying the backoff):
+    its LoRA adapters are the models with a parent (``root`` is
     the path loaded); loads and unloads go through vLLM's endpoints with the admin token as its API
     key. A failed load is retried with backoff, not at every pass."""
     models = _call(pod_ip, port, "GET", "/v1/models", timeout=5, token=token)["data"]
@@ -188,7 +200,7 @@ def sync_vllm_pod(
     for name, (uri, path) in desired.items():
         if name in loaded:
             continue
-        key = (pod_uid, name, str(path))
+        key = (*pod, name, str(path))
         if (failure := backoff.pending(key)) is not None:
             failures[name] = failure
             continue
@@ -318,13 +330,15 @@ def reconcile_adapterdeployment(
                 for c in (p.get("status") or {}).get("conditions", [])
             )
         ]
+        if vllm:
+            VLLM_BACKOFF.keep_only(str(adep.metadata.uid), {p["metadata"]["uid"] for p in pods})
         reports: list[serving.PodReport] = []
         route_error = admin_error = None
         for pod in ready_pods:
             try:
                 if vllm:
-                    uid, ip = pod["metadata"]["uid"], pod["status"]["podIP"]
-                    report = sync_vllm_pod(uid, ip, adep.spec.service.port, plan, token)
+                    uids = (str(adep.metadata.uid), pod["metadata"]["uid"])
+                    report = sync_vllm_pod(uids, pod["status"]["podIP"], adep.spec.service.port, plan, token)
                 else:
                     report = sync_pod(pod["status"]["podIP"], adep.spec.service.port, plan, token)
             except AdminUnauthorized as error:

@@ -362,11 +362,15 @@ def test_operator_side_backoff_for_runtimes_that_do_not_retry() -> None:
     from kubetune.operator.serving_reconcile import Backoff
 
     backoff = Backoff()
-    key = ("pod-uid", "a", "/mnt/pvc/c/a")
+    key = ("adep-uid", "pod-uid", "a", "/mnt/pvc/c/a")
     assert backoff.pending(key) is None
     backoff.failed(key, ("LoadError", "rank 64 > max_lora_rank 16"))
     # Within the backoff the recorded failure answers: the next pass loads nothing.
     assert backoff.pending(key) == ("LoadError", "rank 64 > max_lora_rank 16")
-    assert backoff.pending(("pod-uid", "a", "/mnt/pvc/c/other")) is None  # a new source tries at once
-    backoff.forget(("pod-uid",))
+    assert backoff.pending(("adep-uid", "pod-uid", "a", "/mnt/pvc/c/b")) is None  # a new source: at once
+    backoff.keep_only("adep-uid", {"pod-uid"})
+    assert backoff.pending(key) is not None
+    backoff.keep_only("other-adep", set())  # another object's pods are not this one's
+    assert backoff.pending(key) is not None
+    backoff.keep_only("adep-uid", {"another-pod"})  # the pod went away
     assert backoff.pending(key) is None
