@@ -363,16 +363,41 @@ class FineTuneJobSpec(ApiModel):
 
 
 class TrainingPlanStatus(ApiModel):
-    """What the planner computed before launching workers."""
+    """What the planner computed before launching workers (docs/planner.md)."""
 
     total_parameters: int = Field(default=0, ge=0, description="totalParameters of the base model.")
     trainable_parameters: int = Field(default=0, ge=0, description="trainableParameters under the method.")
     trainable_percent: str = Field(default="", description="trainablePercent, e.g. 0.2%.")
     estimated_peak_memory: str = Field(default="", description="estimatedPeakMemory per GPU (quantity).")
-    fits: bool = Field(
-        default=True, description="fits is false when the estimate exceeds resources.gpuMemory."
+    estimated_peak_memory_bytes: int | None = Field(
+        default=None, ge=0, description="estimatedPeakMemoryBytes per GPU."
     )
-    recommendation: str = Field(default="", description="recommendation when it does not fit.")
+    memory_breakdown: dict[str, str] | None = Field(
+        default=None,
+        description="memoryBreakdown of the peak: weights, gradients, optimizer, activations, transient, "
+        "overhead (quantities).",
+    )
+    available_memory: str | None = Field(
+        default=None, description="availableMemory per GPU: resources.gpuMemory or the GPU type's."
+    )
+    gpu_type: str | None = Field(default=None, description="gpuType assumed for memory, time and cost.")
+    fits: bool = Field(
+        default=True, description="fits is false when the estimate exceeds the available memory per GPU."
+    )
+    training_tokens: int | None = Field(default=None, ge=0, description="trainingTokens over all epochs.")
+    tokens_source: str | None = Field(
+        default=None, description="tokensSource says how the dataset's tokens were found."
+    )
+    estimated_hours: float | None = Field(
+        default=None, ge=0, description="estimatedHours of training at the assumed utilisation."
+    )
+    estimated_cost: str | None = Field(
+        default=None, description="estimatedCost in USD at the assumed price per GPU-hour."
+    )
+    model_config_uri: str | None = Field(
+        default=None, alias="modelConfig", description="modelConfig is where the planner read config.json."
+    )
+    recommendation: str = Field(default="", description="recommendation: what fits when the job does not.")
 
 
 class TrainingProgress(ApiModel):
@@ -707,6 +732,12 @@ class FineTuneJob(ApiModel):
                 "name": "Trainable",
                 "type": "string",
                 "jsonPath": ".status.plan.trainablePercent",
+                "priority": 1,
+            },
+            {
+                "name": "Memory",
+                "type": "string",
+                "jsonPath": ".status.plan.estimatedPeakMemory",
                 "priority": 1,
             },
             {"name": "Artifact", "type": "string", "jsonPath": ".status.result.uri", "priority": 1},

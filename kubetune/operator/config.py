@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kubetune.operator.planning import PlannerSettings
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -28,3 +30,5 @@ class OperatorConfig:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     #: Seconds to wait for a worker's /progress answer; a slow worker must not stall reconciles.
     progress_timeout_s: float = 1.0
+    #: The planner's GPU table, utilisation and prices (docs/planner.md).
+    planner: PlannerSettings = field(default_factory=PlannerSettings)

@@ -6,8 +6,11 @@ import argparse
 import random
 from typing import TYPE_CHECKING
 
+from kubetune.planner import compute
+
 if TYPE_CHECKING:
     from kubetune.operator.config import WorkerSettings
+    from kubetune.operator.planning import PlannerSettings
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
@@ -85,6 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="text",
         help="text lines prefixed with [namespace/name], or JSON lines with the object under 'object'",
     )
+    compute.add_assumption_arguments(parser, prefix="planner-")
+    parser.add_argument(
+        "--planner-default-gpu",
+        default="",
+        help="GPU type the planner assumes when a FineTuneJob's nodeSelector names none (e.g. H100); "
+        "default: none (memory is checked against resources.gpuMemory only, no time or cost)",
+    )
+    parser.add_argument(
+        "--planner-offline",
+        action="store_true",
+        help="read hf:// model configs from the Hugging Face cache only, never from the Hub",
+    )
     parser.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -102,6 +117,20 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         service_account=args.worker_service_account or "",
         server_service_account=args.server_service_account or "",
     )
+
+
+def planner_settings(args: argparse.Namespace) -> PlannerSettings:
+    """The planner's assumptions from the command line (a bad value stops the operator at start-up)."""
+    from kubetune.operator.planning import PlannerSettings
+
+    settings = PlannerSettings(
+        assumptions=compute.assumptions_from(args, prefix="planner-"),
+        default_gpu=args.planner_default_gpu,
+        hub_downloads=not args.planner_offline,
+    )
+    if settings.default_gpu:
+        settings.assumptions.gpu(settings.default_gpu)
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +155,6 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=priority,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=OperatorConfig(worker=worker_settings(args))),
+        memo=kopf.Memo(config=OperatorConfig(worker=worker_settings(args), planner=planner_settings(args))),
     )
     return 0

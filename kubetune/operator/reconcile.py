@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.operator import builders, kube, status
+from kubetune.operator import builders, kube, planning, status
 from kubetune.operator.config import OperatorConfig
 from kubetune.operator.render import PROGRESS_PORT, training_plan
 from kubetune.worker import plan as wp
@@ -159,7 +159,13 @@ def reconcile(
         conflict: str | None = None
         pods: list[dict[str, Any]] = []
         progress: ProgressReport | None = None
-        if job is not None and plan_error is None:
+        # The planner gates the first launch only: a Job created before (or under the bypass
+        # annotation) is never orphaned by a later estimate.
+        assessment = (
+            planning.plan_for(job, config.planner) if job is not None and plan_error is None else None
+        )
+        launch = assessment is None or assessment.launch or bool(previous.get("jobName"))
+        if job is not None and plan_error is None and launch:
             worker, conflict = ensure_worker(api_client, job, plan, config, previous)
         if worker is not None and _may_have_pods(worker):
             # By the Job's uid: pods of an earlier Job of the same name are not this run's.
@@ -179,6 +185,8 @@ def reconcile(
             plan_error=plan_error,
             conflict=conflict,
             queued=bool(job and builders.queued(job)),
+            feasibility=(assessment.feasible, assessment.reason, assessment.message) if assessment else None,
+            plan=assessment.plan if assessment else None,
         )
         desired = status.desired_status(
             obj["metadata"].get("generation"),

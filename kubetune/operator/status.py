@@ -38,6 +38,9 @@ class Observed:
     pods: list[dict[str, Any]]
     progress: ProgressReport | None = None
     plan_error: str | None = None
+    #: The planner's Feasible condition (status, reason, message) and status.plan; None: not planned.
+    feasibility: tuple[bool, str, str] | None = None
+    plan: dict[str, Any] | None = None
     conflict: str | None = None
     queued: bool = False
 
@@ -166,6 +169,8 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
 
     if seen.plan_error:
         feasible = _condition("Feasible", False, "PlanInvalid", seen.plan_error)
+    elif seen.feasibility is not None:
+        feasible = _condition("Feasible", *seen.feasibility)
     else:
         feasible = _condition("Feasible", True, "PlanRendered", "the training plan was rendered")
 
@@ -211,6 +216,10 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
         running = _condition("Running", True, "Finishing", "the worker exited; the Job is completing")
     elif _started(seen.pods):
         running = _condition("Running", True, "Retrying", "a worker pod ended; the Job starts another")
+    elif seen.job is None and feasible["status"] != "True":
+        running = _condition(
+            "Running", False, "Infeasible", "no worker Job: the job does not fit (see Feasible)"
+        )
     elif seen.job is None:
         running = _condition("Running", False, "Creating", "creating the worker Job")
     else:
@@ -339,6 +348,10 @@ def desired_status(
         for key in ("jobName", "startTime", "completionTime"):
             if previous.get(key):
                 status[key] = previous[key]
+    if seen.plan is not None:
+        status["plan"] = seen.plan
+    elif previous.get("plan"):
+        status["plan"] = previous["plan"]
     if seen.progress is not None:
         status["progress"] = _progress_status(seen.progress)
     elif previous.get("progress"):

@@ -110,7 +110,7 @@ def model_shape(config: Mapping[str, Any]) -> ModelShape:
 
     # MLP: dense, or mixture of experts (fused 3-D expert tensors plus a router matrix).
     mlp_bias = c.bool("mlp_bias", False)
-    experts = expert_parameters = 0
+    experts = expert_parameters = top_k = 0
     if c.model_type == "phi3":
         inter = c.int("intermediate_size")
         add("mlp.gate_up_proj", hidden, 2 * inter)
@@ -175,4 +175,5 @@ def model_shape(config: Mapping[str, Any]) -> ModelShape:
         num_experts=experts,
         expert_parameters=expert_parameters,
         qk_norm=qk_norm,
+        extra={"experts_per_token": top_k} if experts else {},
     )
