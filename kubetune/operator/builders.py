@@ -61,6 +61,36 @@ def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
     }
 
 
+def work_claim_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-work"
+
+
+def work_claim(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any] | None:
+    """The claim behind the work directory (checkpoints, staging) of a job whose output is not on a
+    claim (s3://, file://): it outlives the worker pod, so the Job's next pod resumes from the last
+    checkpoint. Owned by the FineTuneJob, so it goes with it. None for pvc:// outputs, whose work
+    directory is beside the output on the same claim."""
+    if job.spec.output.uri.startswith("pvc://"):
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": settings.work_claim_size}},
+    }
+    if settings.work_storage_class:
+        spec["storageClassName"] = settings.work_storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": work_claim_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": child_labels(job, "work"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": spec,
+    }
+
+
 def plan_configmap(job: FineTuneJob, plan: wp.TrainingPlan) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -109,7 +139,7 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
         volumes.append({"name": f"claim-{index}", "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"claim-{index}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}"})
     if not spec.output.uri.startswith("pvc://"):
-        volumes.append({"name": "work", "emptyDir": {}})
+        volumes.append({"name": "work", "persistentVolumeClaim": {"claimName": work_claim_name(job)}})
         mounts.append({"name": "work", "mountPath": EPHEMERAL_WORK_DIR})
 
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]

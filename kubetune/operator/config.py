@@ -21,6 +21,10 @@ class WorkerSettings:
     #: ServiceAccounts for pods whose podTemplate names none; empty: the namespace's default.
     service_account: str = ""
     server_service_account: str = ""
+    #: Size and StorageClass (empty: the cluster's default) of the claim a FineTuneJob whose output
+    #: is not on a claim gets for its work directory (checkpoints), so a retry resumes.
+    work_claim_size: str = "20Gi"
+    work_storage_class: str = ""
 
 
 @dataclass

@@ -101,6 +101,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "Service": ("CoreV1Api", "service"),
     "Job": ("BatchV1Api", "job"),
     "Deployment": ("AppsV1Api", "deployment"),
+    "PersistentVolumeClaim": ("CoreV1Api", "persistent_volume_claim"),
     "Secret": ("CoreV1Api", "secret"),
     "PodDisruptionBudget": ("PolicyV1Api", "pod_disruption_budget"),
 }

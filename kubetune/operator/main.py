@@ -61,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ServiceAccount of serving pods whose podTemplate names none; default: the namespace's default",
     )
     parser.add_argument(
+        "--work-claim-size",
+        default=None,
+        help="size of the claim that holds the checkpoints of a FineTuneJob whose output is not on a "
+        "claim (s3://, file://); default: 20Gi",
+    )
+    parser.add_argument(
+        "--work-storage-class",
+        default=None,
+        help="StorageClass of those claims; default: the cluster's default StorageClass",
+    )
+    parser.add_argument(
         "--peering",
         default=None,
         help="kopf peering object name, for several replicas with leader hand-over; default: standalone",
@@ -116,6 +127,8 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         image_pull_secrets=tuple(dict.fromkeys(args.image_pull_secret)),
         service_account=args.worker_service_account or "",
         server_service_account=args.server_service_account or "",
+        work_claim_size=args.work_claim_size or defaults.work_claim_size,
+        work_storage_class=args.work_storage_class or "",
     )
 
 

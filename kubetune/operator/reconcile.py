@@ -89,11 +89,13 @@ def ensure_worker(
     if worker is None:
         if status.finished(previous):
             return None, None  # the run ended; its Job was deleted (TTL, a user) and stays deleted
-        configmap = builders.plan_configmap(job, plan)
-        existing = kube.read(api_client, "ConfigMap", namespace, configmap["metadata"]["name"])
-        if problem := kube.ownership_problem(existing, KIND, job.metadata.uid):
-            return None, problem
-        kube.apply_if_changed(api_client, existing, configmap)
+        for child in (builders.plan_configmap(job, plan), builders.work_claim(job, config.worker)):
+            if child is None:
+                continue
+            existing = kube.read(api_client, child["kind"], namespace, child["metadata"]["name"])
+            if problem := kube.ownership_problem(existing, KIND, job.metadata.uid):
+                return None, problem
+            kube.apply_if_changed(api_client, existing, child)
         worker = kube.apply(api_client, kube.stamped(desired))
         logger.info("created Job %s", name)
         return worker, None
@@ -183,10 +185,10 @@ def reconcile(
             pods=pods,
             progress=progress,
             plan_error=plan_error,
-            conflict=conflict,
-            queued=bool(job and builders.queued(job)),
             feasibility=(assessment.feasible, assessment.reason, assessment.message) if assessment else None,
             plan=assessment.plan if assessment else None,
+            conflict=conflict,
+            queued=bool(job and builders.queued(job)),
         )
         desired = status.desired_status(
             obj["metadata"].get("generation"),

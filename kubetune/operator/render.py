@@ -16,7 +16,7 @@ from kubetune.worker import plan as wp
 #: Where the worker pod mounts each referenced claim: ``pvc://claim/path`` -> ``<root>/claim/path``.
 PVC_MOUNT_ROOT = "/mnt/pvc"
 #: Work directory (checkpoints, staging, TensorBoard) when the output is not on a claim. The Job
-#: mounts an emptyDir here: it survives container restarts, not rescheduling.
+#: mounts the FineTuneJob's own work claim here (builders.work_claim): it outlives the pod.
 EPHEMERAL_WORK_DIR = "/var/lib/kubetune/work"
 #: Port of the worker's /progress and /metrics server.
 PROGRESS_PORT = 9400

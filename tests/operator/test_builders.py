@@ -124,3 +124,26 @@ def test_queue_labels_reach_the_job() -> None:
     assert manifest["spec"]["template"]["metadata"]["labels"]["team"] == "nlp"
     assert manifest["spec"]["suspend"] is True and builders.queued(job)
     assert not builders.queued(_job())
+
+
+def test_outputs_off_claims_get_a_work_claim_that_outlives_the_pod() -> None:
+    for uri in ("s3://bucket/adapters/x", "file:///srv/adapters/x"):
+        job = _job(output={"uri": uri})
+        claim = builders.work_claim(job, builders.WorkerSettings(work_claim_size="5Gi"))
+        assert claim is not None
+        assert claim["metadata"]["name"] == "support-lora-work"
+        assert claim["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+        assert "storageClassName" not in claim["spec"]
+        pod = builders.worker_job(job, builders.WorkerSettings())["spec"]["template"]["spec"]
+        (work,) = [v for v in pod["volumes"] if v["name"] == "work"]
+        assert work == {"name": "work", "persistentVolumeClaim": {"claimName": "support-lora-work"}}
+        assert training_plan(job).output.work_dir == "/var/lib/kubetune/work"
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "work"]
+        assert mount["mountPath"] == "/var/lib/kubetune/work"
+    claimed = _job(output={"uri": "pvc://adapters/x"})
+    assert builders.work_claim(claimed, builders.WorkerSettings()) is None
+    classed = builders.work_claim(
+        _job(output={"uri": "s3://bucket/x"}), builders.WorkerSettings(work_storage_class="fast")
+    )
+    assert classed is not None and classed["spec"]["storageClassName"] == "fast"

@@ -96,6 +96,10 @@ kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with 
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create, patch]
+# A FineTuneJob's work claim (checkpoints) when its output is not on a claim.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, create, patch]
 # An AdapterDeployment's admin-token Secret (created once, read each pass for the token the
 # operator sends to its pods) and, with more than one replica, its PodDisruptionBudget (deleted
 # when scaled back to one).
@@ -110,7 +114,7 @@ kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with 
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# kopf posts warnings and errors as core/v1 Events.
+# Condition transitions (and kopf's warnings and errors) are posted as core/v1 Events.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
