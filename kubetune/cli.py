@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "kubetune.api.validate",
         "check kubetune manifests offline, as admission would (for GitOps)",
     ),
+    "plan": ("kubetune.planner.cli", "parameters, memory, time and cost of every method for a model and job"),
     "cluster": (
         "kubetune.localcluster.cli",
         "start/stop the embedded local Kubernetes cluster (tests, demo)",
