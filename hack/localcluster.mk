@@ -11,8 +11,13 @@ CLUSTER_NAME ?= dev
 # cluster-build).
 HELM = $$(bash hack/localcluster/build.sh --print-paths | sed -n 's/^helm=//p')
 
+KUBETUNE_CACHE_DIR = $${KUBETUNE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/kubetune}
+
+# The lock is the one kubetune.localcluster.binaries takes: concurrent builds of one version
+# would delete each other's finished directory.
 cluster-build:
-	@bash hack/localcluster/build.sh >/dev/null
+	@mkdir -p "$(KUBETUNE_CACHE_DIR)/bin" && \
+		flock "$(KUBETUNE_CACHE_DIR)/bin/.build.lock" bash hack/localcluster/build.sh >/dev/null
 
 cluster-up: venv cluster-build
 	$(PY) -m kubetune.localcluster up --name $(CLUSTER_NAME)

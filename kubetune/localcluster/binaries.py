@@ -6,11 +6,19 @@ from an envtest download), which skips the build script entirely.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 NAMES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd", "helm")
+# A second build of the same version swaps its finished directory in by removing the old one
+# first; for that moment the script reports it unbuilt. Asking again rides it out.
+_PRINT_ATTEMPTS = 5
+_PRINT_RETRY_S = 0.5
 
 
 class BinariesMissing(RuntimeError):
@@ -25,6 +33,38 @@ def build_script() -> Path:
     return repo_root() / "hack" / "localcluster" / "build.sh"
 
 
+def cache_dir() -> Path:
+    """The build scripts' cache (``KUBETUNE_CACHE``, else ``$XDG_CACHE_HOME/kubetune``)."""
+    explicit = os.environ.get("KUBETUNE_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
+
+
+@contextmanager
+def build_lock() -> Iterator[None]:
+    """One builder at a time (``make cluster-build`` takes the same lock with flock(1)).
+
+    Two builds of the same directory both run to the end, and the later one deletes the
+    earlier one's result before renaming its own into place: a reader in between sees a
+    version that was complete a moment ago reported as unbuilt.
+    """
+    path = cache_dir() / "bin" / ".build.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _parse(stdout: str) -> dict[str, Path]:
+    paths = {}
+    for line in stdout.splitlines():
+        name, sep, path = line.partition("=")
+        if sep:
+            paths[name] = Path(path)
+    return paths
+
+
 def find(build: bool = False) -> dict[str, Path]:
     """Map each binary name to its path; with ``build=True`` build what is missing first."""
     override = os.environ.get("KUBETUNE_CLUSTER_BIN")
@@ -34,22 +74,48 @@ def find(build: bool = False) -> dict[str, Path]:
         script = build_script()
         if not script.is_file():
             raise BinariesMissing(f"{script} not found; set KUBETUNE_CLUSTER_BIN to a directory of binaries")
-        args = ["bash", str(script)] + ([] if build else ["--print-paths"])
-        # The build reports progress on stderr; let it through so a cold build is not silent.
-        proc = subprocess.run(args, stdout=subprocess.PIPE, text=True, check=False)
-        paths = {}
-        for line in proc.stdout.splitlines():
-            name, sep, path = line.partition("=")
-            if sep:
-                paths[name] = Path(path)
-        if proc.returncode != 0 and not build:
-            missing = [n for n, p in paths.items() if not p.exists()]
-            raise BinariesMissing(
-                f"cluster binaries not built ({', '.join(missing)}): run `make cluster-build`"
-            )
-        if proc.returncode != 0:
-            raise BinariesMissing(f"{script} failed with exit code {proc.returncode}")
+        paths = _build(script) if build else _print_paths(script)
     missing = [name for name in NAMES if not paths.get(name, Path("/nonexistent")).is_file()]
     if missing:
         raise BinariesMissing(f"missing cluster binaries: {', '.join(missing)}; run `make cluster-build`")
     return paths
+
+
+def _build(script: Path) -> dict[str, Path]:
+    with build_lock():
+        # The build reports progress on stderr; let it through so a cold build is not silent.
+        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise BinariesMissing(f"{script} failed with exit code {proc.returncode}")
+    return _parse(proc.stdout)
+
+
+def _print_paths(script: Path) -> dict[str, Path]:
+    for attempt in range(_PRINT_ATTEMPTS):
+        proc = subprocess.run(
+            ["bash", str(script), "--print-paths"], capture_output=True, text=True, check=False
+        )
+        paths = _parse(proc.stdout)
+        if proc.returncode == 0:
+            return paths
+        absent = [name for name in NAMES if not paths.get(name, Path("/nonexistent")).exists()]
+        if paths and absent:
+            raise BinariesMissing(
+                f"cluster binaries not built ({', '.join(absent)}): run `make cluster-build`"
+            )
+        if attempt + 1 < _PRINT_ATTEMPTS:
+            time.sleep(_PRINT_RETRY_S * 2**attempt)
+    # Still refused although nothing is absent: say what the script saw, not "not built ()".
+    stderr = proc.stderr.strip()
+    if not paths:
+        raise BinariesMissing(
+            f"{script} --print-paths exited with {proc.returncode} and printed no paths"
+            + (f": {stderr}" if stderr else "")
+        )
+    unmarked = sorted({str(p.parent) for p in paths.values() if not (p.parent / ".complete").exists()})
+    raise BinariesMissing(
+        f"{script} --print-paths exited with {proc.returncode}: every binary exists, but "
+        f"{', '.join(unmarked) or 'its directories'} lack the .complete marker a finished build "
+        "leaves (a build of the same version is running, or one was interrupted): run `make cluster-build`"
+        + (f" ({stderr})" if stderr else "")
+    )

@@ -71,15 +71,8 @@ API_SERVER_NAMES = [
 ]
 
 
-def default_cache_dir() -> Path:
-    explicit = os.environ.get("KUBETUNE_CACHE")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetune"
-
-
 def default_run_dir() -> Path:
-    return default_cache_dir() / "run"
+    return binaries.cache_dir() / "run"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -98,11 +98,16 @@ def api_client(cluster: ClusterHandle) -> ApiClient:
 
 @pytest.fixture
 def namespace(cluster: ClusterHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    yield from fresh_namespace(cluster, request.node.name)
+
+
+def fresh_namespace(cluster: ClusterHandle, test_name: str) -> Iterator[str]:
+    """The body of a ``namespace`` fixture on ``cluster``, named after ``test_name``."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
     core = client.CoreV1Api(cluster.api_client())
-    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    base = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:40].strip("-")
     name = f"{base}-{secrets.token_hex(3)}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 

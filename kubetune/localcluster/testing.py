@@ -181,16 +181,18 @@ class ClusterHandle:
         return read_container_log(self.local, obj.to_dict(), container, previous=previous)
 
     @contextmanager
-    def add_node(self, name: str, *, gpus: int = 0) -> Iterator[str]:
+    def add_node(self, name: str, *, gpus: int = 0, runtime: str | None = None) -> Iterator[str]:
         """Run an extra node agent for the duration of the ``with`` block; yields its name.
 
+        It runs containers with ``runtime``, by default the same as the cluster's first node.
         Only on the local cluster: raises ``NotImplementedError`` elsewhere (tests skip).
         """
         if self.local is None:
             raise NotImplementedError("extra nodes need the embedded local cluster")
         from kubetune.localcluster.controlplane import NodeOptions
 
-        self.local.add_node(NodeOptions(name=name, gpus=gpus))
+        runtime = runtime or self.local.options.nodes[0].runtime
+        self.local.add_node(NodeOptions(name=name, gpus=gpus, runtime=runtime))
         try:
             yield name
         finally:

@@ -9,7 +9,7 @@ Aspects tested:
 - deleting a namespace SIGTERMs its processes and removes every object in it, and deleting a
   Deployment garbage-collects its ReplicaSet and pods through owner references.
 - a Service's ClusterIP spreads connections over the ready replicas (from the host and from a
-  pod), and pods find it by name (``/etc/hosts``) and by ``<SVC>_SERVICE_*`` variables.
+  pod), and pods find it by name (cluster DNS) and by ``<SVC>_SERVICE_*`` variables.
 """
 
 from __future__ import annotations

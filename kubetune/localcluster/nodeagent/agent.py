@@ -23,6 +23,7 @@ from typing import Any
 
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError, Credentials, KubeAPI
+from kubetune.localcluster.nodeagent.dns import DNSServer, Resolver, host_nameservers
 from kubetune.localcluster.nodeagent.pod import PodWorker, now_rfc3339
 from kubetune.localcluster.nodeagent.provisioner import Provisioner
 from kubetune.localcluster.nodeagent.runtime import ContainerRuntime, make_runtime
@@ -83,6 +84,11 @@ class NodeAgent:
         self._ips: dict[str, str] = {}
         # pod uid -> (netns, host veth) of every live sandbox, swept on shutdown.
         self.sandboxes: dict[str, tuple[str, str]] = {}
+        # What dnsPolicy: Default pods get, and where the cluster DNS forwards other names.
+        try:
+            self.host_resolv_conf = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            self.host_resolv_conf = ""
 
     def base_env(self, hostname: str) -> dict[str, str]:
         """Variables every container starts from; the pod's own ``env`` may override them."""
@@ -371,7 +377,14 @@ class NodeAgent:
         if self.config.get("cluster_services"):
             provisioner = Provisioner(self.api, self.cluster_state / "volumes" / "pv", self.stopping)
             threads.append(threading.Thread(target=provisioner.run, name="provisioner", daemon=True))
-            proxy = ServiceProxy(self.api, self.bridge, self.stopping)
+            resolver = Resolver(
+                ipaddress.IPv4Network(f"{self.gateway}/{self.prefix_len}", strict=False),
+                host_nameservers(self.host_resolv_conf, exclude=self.gateway),
+            )
+            # Pods' resolv.conf names the bridge address: every node's pods reach it on-link.
+            dns = DNSServer(resolver, self.gateway, self.config.get("dns_port", 53))
+            dns.start()
+            proxy = ServiceProxy(self.api, self.bridge, self.stopping, resolver)
             threads.append(threading.Thread(target=proxy.run, name="service-proxy", daemon=True))
         for thread in threads:
             thread.start()

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError
+from kubetune.localcluster.nodeagent.dns import pod_hosts, pod_resolv_conf
 from kubetune.localcluster.nodeagent.env import EnvError, container_command, container_env
 from kubetune.localcluster.nodeagent.probes import ProbeState, http_get
 from kubetune.localcluster.nodeagent.runtime import ContainerRun, ImageError, ImageInfo, Security
-from kubetune.localcluster.nodeagent.services import hosts_entries, service_env
+from kubetune.localcluster.nodeagent.services import service_env
 from kubetune.localcluster.nodeagent.volumes import (
     VolumeContext,
     container_mounts,
@@ -211,20 +212,13 @@ class PodWorker(threading.Thread):
                 self.netns, self.host_veth, self.agent.bridge,
                 ipaddress.IPv4Interface(f"{self.pod_ip}/{self.agent.prefix_len}"), self.agent.gateway,
             )  # fmt: skip
-        services = self.agent.api.get("/api/v1/services")["items"]
         if self.spec.get("enableServiceLinks", True):
-            self.service_links = service_env(
-                [s for s in services if s["metadata"]["namespace"] == self.namespace]
-            )
-        hosts = self.dir / "etc-hosts"
-        lines = [
-            "# Kubernetes-managed hosts file (kubetune node agent); Services as of pod start.",
-            "127.0.0.1\tlocalhost",
-            "::1\tlocalhost ip6-localhost ip6-loopback",
-            f"{self.reported_ip}\t{self.hostname}",
-            *hosts_entries(services, self.namespace),
-        ]
-        hosts.write_text("\n".join(lines) + "\n")
+            services = self.agent.api.get(f"/api/v1/namespaces/{self.namespace}/services")["items"]
+            self.service_links = service_env(services)
+        assert self.reported_ip is not None
+        (self.dir / "etc-hosts").write_text(pod_hosts(self.pod, self.reported_ip))
+        resolv = pod_resolv_conf(self.pod, self.agent.gateway, self.agent.host_resolv_conf)
+        (self.dir / "resolv.conf").write_text(resolv)
         self.conditions_set("PodReadyToStartContainers", True)
 
     def _teardown_sandbox(self) -> None:
@@ -327,6 +321,9 @@ class PodWorker(threading.Thread):
         assert self.volume_paths is not None
         mounts = container_mounts(c.spec, self.volume_paths)
         mounts.append({"source": str(self.dir / "etc-hosts"), "target": "/etc/hosts", "readOnly": False})
+        mounts.append(
+            {"source": str(self.dir / "resolv.conf"), "target": "/etc/resolv.conf", "readOnly": False}
+        )
         mounts.append({
             "source": str(self._termination_file(c)),
             "target": c.spec.get("terminationMessagePath") or "/dev/termination-log",

@@ -1,13 +1,13 @@
-"""Services without kube-proxy: a userspace TCP proxy on each ClusterIP, plus name lookup.
+"""Services without kube-proxy: a userspace TCP proxy on each ClusterIP.
 
 Each ClusterIP is added as a /32 to the cluster bridge. ClusterIPs lie inside the bridge's
 network, so pods reach them on-link (the host answers ARP for its own addresses) and the
 host reaches them locally. A listener on every ``ClusterIP:port`` forwards each connection
 to a ready endpoint from the Service's EndpointSlices, round-robin. Only TCP is proxied.
 
-There is no cluster DNS. Instead each pod's ``/etc/hosts`` names the Services that exist
-when it starts (``svc``, ``svc.ns``, ``svc.ns.svc``, ``svc.ns.svc.cluster.local``), and its
-environment carries kubelet's ``<SVC>_SERVICE_HOST/PORT`` variables for its namespace.
+The same pass hands the lists to the cluster DNS (:mod:`.dns`), which pods find through
+their ``/etc/resolv.conf``; their environment also carries kubelet's
+``<SVC>_SERVICE_HOST/PORT`` variables for their namespace.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from kubetune.localcluster import network
 from kubetune.localcluster.kubeapi import KubeAPI, resync_loop
+from kubetune.localcluster.nodeagent.dns import Resolver, Zone
 
 JSON = dict[str, Any]
 log = logging.getLogger("kubetune.nodeagent")
@@ -33,21 +34,6 @@ _CONNECT_TIMEOUT_S = 5.0
 def cluster_ip(service: JSON) -> str | None:
     ip = service.get("spec", {}).get("clusterIP")
     return ip if ip and ip != "None" else None
-
-
-def hosts_entries(services: list[JSON], namespace: str) -> list[str]:
-    """``/etc/hosts`` lines naming ``services`` as seen from a pod in ``namespace``."""
-    lines = []
-    for service in services:
-        ip = cluster_ip(service)
-        if ip is None:
-            continue
-        name, ns = service["metadata"]["name"], service["metadata"]["namespace"]
-        names = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
-        if ns == namespace:
-            names.append(name)
-        lines.append(f"{ip}\t{' '.join(names)}")
-    return lines
 
 
 def service_env(services: list[JSON]) -> dict[str, str]:
@@ -130,8 +116,11 @@ class _Listener:
 
 
 class ServiceProxy:
-    def __init__(self, api: KubeAPI, bridge: str, stopping: threading.Event) -> None:
+    def __init__(
+        self, api: KubeAPI, bridge: str, stopping: threading.Event, resolver: Resolver | None = None
+    ) -> None:
         self.api = api
+        self.resolver = resolver
         self.bridge = bridge
         self.stopping = stopping
         # (namespace, service, port) -> ready (ip, targetPort) pairs
@@ -148,6 +137,9 @@ class ServiceProxy:
     def sync(self) -> None:
         services = self.api.get("/api/v1/services")["items"]
         slices = self.api.get("/apis/discovery.k8s.io/v1/endpointslices")["items"]
+        if self.resolver is not None:
+            # First: pods waiting on a peer's name should not wait for listeners to be set up.
+            self.resolver.zone = Zone.build(services, slices)
         ready: dict[tuple[str, str], list[JSON]] = {}
         for endpoint_slice in slices:
             meta = endpoint_slice["metadata"]
