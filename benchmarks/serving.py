@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -458,6 +459,110 @@ def render_markdown(document: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
+def merge_run(
+    settings: Settings, work_dir: Path, results_dir: Path, name: str = "serving_merge"
+) -> dict[str, Any]:
+    """mergeAdapter: per-token latency of one LoRA adapter merged into the base vs the same adapter
+    unmerged, as ``kubetune serve`` runs them (``ModelServer`` with and without ``merge``; the
+    unmerged one generates through PEFT's LoRA layers, the merged one through plain layers).
+
+    In process, one request at a time (batch 1, greedy, ``max_tokens`` tokens, EOS ignored), the two
+    sides alternating request by request, so that a busy machine slows both alike; per repeat, the
+    median seconds per generated token of each side.
+    """
+    import torch
+
+    from kubetune.worker.serving import ModelServer
+
+    torch.set_num_threads(settings.threads)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(work_dir, size=settings.size, pretrain_steps=0, seed=settings.seed)
+    adapter, path = next(iter(prepare_adapters(model_dir, work_dir, replace(settings, adapters=1)).items()))
+    servers = {"unmerged": ModelServer(model_dir), "merged": ModelServer(model_dir, merge=True)}
+    models = {}
+    for side, srv in servers.items():
+        srv.load_adapter(adapter, str(path))
+        models[side] = srv.model_names()
+    generators = {
+        "unmerged": servers["unmerged"]._lora_host,  # what a one-adapter batch runs
+        "merged": servers["merged"].adapters[adapter].instance,
+    }
+    servers["unmerged"]._lora_host.set_adapter(adapter)
+    tokenizer = servers["merged"].tokenizer
+    texts = prompts(settings.requests, settings.seed)
+
+    def seconds_per_token(side: str, text: str) -> float:
+        encoded = tokenizer(text, return_tensors="pt")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = generators[side].generate(
+                **encoded,
+                max_new_tokens=settings.max_tokens,
+                min_new_tokens=settings.max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        elapsed = time.perf_counter() - started
+        return elapsed / (out.shape[1] - encoded["input_ids"].shape[1])
+
+    for side in generators:  # warm-up
+        seconds_per_token(side, texts[0])
+    runs: list[dict[str, Any]] = []
+    for repeat in range(settings.repeats):
+        samples: dict[str, list[float]] = {side: [] for side in generators}
+        for index, text in enumerate(texts):
+            for side in list(generators) if (index + repeat) % 2 == 0 else reversed(list(generators)):
+                samples[side].append(seconds_per_token(side, text))
+        for side, values in samples.items():
+            runs.append(
+                {
+                    "side": side,
+                    "repeat": repeat,
+                    "ms_per_token": median(values) * 1000,
+                    "requests": len(values),
+                }
+            )
+            logger.info("repeat %d %s: %.2f ms/token", repeat, side, median(values) * 1000)
+    ms = {side: median([r["ms_per_token"] for r in runs if r["side"] == side]) for side in generators}
+    per_repeat = [
+        round(1 - m["ms_per_token"] / u["ms_per_token"], 3)
+        for u, m in zip(
+            [r for r in runs if r["side"] == "unmerged"],
+            [r for r in runs if r["side"] == "merged"],
+            strict=True,
+        )
+    ]
+    env = environment(settings.threads)
+    load = os.getloadavg()
+    document = {
+        "benchmark": "serving_merge",
+        "settings": asdict(settings),
+        "environment": env,
+        "load_average": load,
+        "models": models,
+        "ms_per_token": ms,
+        "latency_saving": round(1 - ms["merged"] / ms["unmerged"], 3),
+        "latency_saving_per_repeat": per_repeat,
+        "runs": runs,
+    }
+    s = asdict(settings)
+    lines = [
+        "# mergeAdapter: one LoRA adapter merged into the base vs unmerged (`ModelServer`)\n",
+        f"Model `{s['size']}`, one LoRA adapter (r 16), {s['requests']} requests of {s['max_tokens']} tokens "
+        f"(batch 1, greedy, EOS ignored) per side and repeat, the sides alternating request by request, "
+        f"{s['repeats']} repeats (median of the per-repeat medians), {s['threads']} torch thread. Commit "
+        f"`{env['git_commit']}`, {env['cpus_available']} CPUs available, load average "
+        f"{load[0]:.1f} at the end.\n",
+        markdown_table(
+            ["served", "ms per token (median)"], [[side, round(ms[side], 3)] for side in generators]
+        ),
+        f"\nPer-token latency saving of the merged model: **{1 - ms['merged'] / ms['unmerged']:.1%}** "
+        f"(per repeat: {', '.join(f'{v:.1%}' for v in per_repeat)}).\n",
+    ]
+    write_results(name, document, "\n".join(lines), results_dir)
+    return document
+
+
 def run(settings: Settings, work_dir: Path, results_dir: Path, name: str = "serving") -> dict[str, Any]:
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(work_dir, size=settings.size, pretrain_steps=0, seed=settings.seed)
@@ -511,6 +616,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     baseline.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     baseline.add_argument("--host", default="127.0.0.1")
     baseline.add_argument("--port", type=int, default=8001)
+    sub.add_parser(
+        "merge", help="only mergeAdapter's per-token latency, merged vs unmerged (results: serving_merge.*)"
+    )
     parser.add_argument("--size", choices=get_args(ModelSize), default=defaults.size)
     parser.add_argument("--adapters", type=int, default=defaults.adapters)
     parser.add_argument("--adapter-steps", type=int, default=defaults.adapter_steps)
@@ -549,6 +657,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         threads=args.threads,
     )
+    if args.command == "merge":
+        merged = merge_run(settings, args.work_dir, args.results_dir)
+        print(
+            json.dumps({k: merged[k] for k in ("ms_per_token", "latency_saving", "load_average")}, indent=2)
+        )
+        return 0
     document = run(settings, args.work_dir, args.results_dir, args.name)
     print(render_markdown(document))
     return 0

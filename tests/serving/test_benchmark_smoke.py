@@ -3,6 +3,8 @@
 Aspects:
 - both servers (kubetune and the naive baseline) answer every mode, and the JSON and markdown
   results hold the ratios, the load latencies and the memory figures;
+- the mergeAdapter benchmark: both sides measured in every repeat, the merged server serving the
+  adapter alone;
 - the pure helpers: percentiles, the summary's ratios.
 """
 
@@ -58,3 +60,20 @@ def test_serving_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     phase = document["adapter_phase"]
     assert phase["adapter_loads"] == 3 and phase["rss_with_adapters_bytes"] > 0
     assert "| kubetune | concurrent, 8 adapters mixed |" in (tmp_path / "results" / "serving.md").read_text()
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_merge_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    settings = serving.Settings(size="tiny", adapters=1, adapter_steps=1, requests=3, max_tokens=4, repeats=2)
+    document = serving.merge_run(settings, tmp_path / "work", tmp_path / "results")
+
+    written = json.loads((tmp_path / "results" / "serving_merge.json").read_text())
+    assert set(written["ms_per_token"]) == {"unmerged", "merged"}
+    assert len(written["latency_saving_per_repeat"]) == 2
+    # The merged server serves the adapter and not the base; the unmerged one serves both.
+    base = next(iter((tmp_path / "work").glob("model-*"))).name
+    assert written["models"] == {"merged": ["lora-0"], "unmerged": [base, "lora-0"]}
+    assert {(r["side"], r["requests"]) for r in document["runs"]} == {("merged", 3), ("unmerged", 3)}
+    assert all(r["ms_per_token"] > 0 for r in document["runs"])
+    assert "Per-token latency saving" in (tmp_path / "results" / "serving_merge.md").read_text()
