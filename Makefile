@@ -10,9 +10,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # TEST_PREREQS (e.g. building the local cluster's binaries).
 TEST_PREREQS :=
 PYTEST_ARGS ?=
-# Most suites wait on a cluster or a subprocess, so three workers overlap well even on two cores.
+# One xdist worker per core: most suites wait on a cluster or a subprocess, so they overlap, but
+# training steps and torch imports are CPU-bound and more workers than cores only slow each test.
 # `make test TEST_WORKERS=0` runs in one process (what pytest -n 0 means).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 -include hack/*.mk
 

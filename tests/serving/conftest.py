@@ -97,7 +97,9 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
         url = f"http://127.0.0.1:{port}"
         wait_for(
             lambda: proc.poll() is None and httpx.get(f"{url}/ready", timeout=1).status_code == 200,
-            120,
+            # A bound against hangs, not a speed claim: on a loaded two-core machine the import of
+            # torch alone has taken over a minute.
+            300,
             interval=0.5,
             ignore=(httpx.HTTPError,),
             description=lambda: f"the server to be ready; log:\n{log.read_text()[-3000:]}",
