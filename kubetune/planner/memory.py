@@ -21,7 +21,7 @@ What one optimizer step keeps alive, as the engine trains (``kubetune.worker.eng
   adapted layer's input; bottleneck adapters: their input and bottleneck); then ``3h + V`` for the
   final norm, the head and the loss (V the vocabulary: the fp32 log-softmax of the logits). With
   gradient checkpointing, each layer keeps only its input (h) and one layer is recomputed at a time.
-  Values are 4 bytes in fp32, 2 under bf16/fp16 autocast (norms and the loss stay fp32 there).
+  Values are 4 bytes in fp32, 2 under bf16/fp16 autocast (the loss's log-softmax stays fp32).
 * **transient**: the logits' gradient (tokens x V, fp32) that exists at the start of the backward
   pass while the activations are still alive.
 * **overhead**: a fixed 1 GiB per GPU for the CUDA context, cuBLAS/NCCL workspaces and allocator
