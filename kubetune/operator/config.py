@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kubetune.operator.planning import PlannerSettings
+from kubetune.planner.job import PlannerSettings
 
 
 @dataclass(frozen=True)

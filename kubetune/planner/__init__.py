@@ -5,5 +5,7 @@ burns. Pure arithmetic over a model's ``config.json`` and the method registry; n
   (exact parameter counts);
 * :mod:`~kubetune.planner.memory`: peak memory per GPU, by part;
 * :mod:`~kubetune.planner.compute`: training FLOPs, time and cost on a GPU type;
-* :mod:`~kubetune.planner.plan`: all of it for one job and every method, with a recommendation.
+* :mod:`~kubetune.planner.plan`: all of it for one job and every method, with a recommendation;
+* :mod:`~kubetune.planner.job`: a FineTuneJob's facts (model config, GPU, setup, dataset tokens);
+* :mod:`~kubetune.planner.cli`: ``kubetune plan``.
 """

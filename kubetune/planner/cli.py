@@ -19,6 +19,7 @@ from typing import Any
 
 from kubetune.api import methods
 from kubetune.planner import compute
+from kubetune.planner import job as planning
 from kubetune.planner.architecture import ConfigError, model_shape
 from kubetune.planner.memory import TrainingSetup
 from kubetune.planner.plan import GIB, JobFacts, JobPlan, count_dataset_tokens, plan_job
@@ -56,8 +57,6 @@ def _load_manifest(path: Path) -> Any:
 
 
 def _facts(args: argparse.Namespace) -> JobFacts:
-    from kubetune.operator import planning
-
     assumptions = compute.assumptions_from(args)
     settings = planning.PlannerSettings(assumptions=assumptions, default_gpu=args.gpu or "")
     if args.file is None and args.config is None:
