@@ -1,13 +1,25 @@
-"""The baseline for ``benchmarks.throughput``: what a user would write with transformers + peft alone.
+"""The baselines for ``benchmarks.throughput``: what a user would write with transformers + peft or TRL.
 
-``transformers.Trainer`` with ``DataCollatorForLanguageModeling`` (dynamic padding to the longest record
-of each randomly sampled batch, labels masked on padding), PEFT LoRA on the same modules kubetune
-targets, AdamW, cosine schedule. Nothing from kubetune is imported, so the baseline cannot inherit its
-optimisations. Records are tokenized as kubetune tokenizes ``text`` records (BOS from the tokenizer, EOS
-appended, cut at ``max_seq_length``), so both sides train on the same tokens.
+Every strategy trains PEFT LoRA on the same modules kubetune targets, AdamW, cosine schedule, fp32:
 
-Throughput counts real tokens (the attention mask's ones) of every training batch, over the time between
-Trainer's ``on_train_begin`` and ``on_train_end``, as kubetune counts them over its training loop.
+* ``random``: ``transformers.Trainer`` with ``DataCollatorForLanguageModeling`` (dynamic padding to
+  the longest record of each randomly sampled batch, labels masked on padding): the plain script;
+* ``group_by_length``: the same with ``train_sampling_strategy="group_by_length"`` (one flag in
+  transformers 5), so batches hold records of similar length and pad little;
+* ``trl-packed``: TRL's ``SFTTrainer`` with its best options for this data: best-fit-decreasing
+  packing into rows of ``max_seq_length``, padding-free (rows flattened into one sequence with
+  position ids restarting per record), no gradient checkpointing and fp32 (TRL's CPU defaults, bf16
+  and checkpointing, are about 20x slower here). Completion-only loss is TRL's default for
+  prompt/completion data; these records are plain text, so the loss is on every token, as on
+  kubetune's side.
+
+Nothing from kubetune is imported, so a baseline cannot inherit its optimisations. Records are tokenized
+as kubetune tokenizes ``text`` records (BOS from the tokenizer, EOS appended, cut at ``max_seq_length``)
+and handed to every trainer already tokenized, so all sides train on the same tokens.
+
+Throughput counts real tokens of every training batch (the attention mask's ones; every token of a
+padding-free batch), over the time between the trainer's ``on_train_begin`` and ``on_train_end``, as
+kubetune counts them over its training loop.
 
 Run by ``benchmarks.throughput`` as ``python -m benchmarks.plain_trainer CONFIG.json RESULT.json``.
 """
@@ -41,12 +53,26 @@ def tokenize(tokenizer: Any, texts: list[str], max_seq_length: int) -> list[dict
     return examples
 
 
+STRATEGIES = ("random", "group_by_length", "trl-packed")
+
+
+def real_tokens(inputs: dict[str, Any]) -> int:
+    """Non-padding tokens of one batch: the attention mask's ones, or every token of a padding-free
+    batch (which has no mask: its records are flattened into one row without padding)."""
+    mask = inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+
+
 def train(config: dict[str, Any]) -> dict[str, Any]:
     """Train as configured; returns real tokens, loop seconds and tokens/s.
 
     ``config``: model_dir, train_file, output_dir, steps, batch_size, max_seq_length, learning_rate,
-    lora_rank, lora_alpha, lora_dropout, seed.
+    lora_rank, lora_alpha, lora_dropout, seed, and ``strategy`` (one of :data:`STRATEGIES`, default
+    ``random``).
     """
+    strategy = config.get("strategy", "random")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
@@ -76,10 +102,15 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     model = get_peft_model(base, lora)
 
     counted = {"real_tokens": 0}
+    trainer_class: Any = Trainer
+    if strategy == "trl-packed":
+        from trl import SFTTrainer
 
-    class CountingTrainer(Trainer):
+        trainer_class = SFTTrainer
+
+    class CountingTrainer(trainer_class):
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            counted["real_tokens"] += int(inputs["attention_mask"].sum())
+            counted["real_tokens"] += real_tokens(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
     clock: dict[str, float] = {}
@@ -91,7 +122,7 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         def on_train_end(self, *args: Any, **kwargs: Any) -> None:
             clock["end"] = time.monotonic()
 
-    arguments = TrainingArguments(
+    common: dict[str, Any] = dict(
         output_dir=config["output_dir"],
         max_steps=config["steps"],
         per_device_train_batch_size=config["batch_size"],
@@ -109,13 +140,36 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    trainer = CountingTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        callbacks=[Clock()],
-    )
+    if strategy == "trl-packed":
+        from datasets import Dataset
+        from trl import SFTConfig
+
+        trainer = CountingTrainer(
+            model=model,
+            args=SFTConfig(
+                **common,
+                max_length=config["max_seq_length"],
+                packing=True,
+                packing_strategy="bfd",
+                padding_free=True,
+                gradient_checkpointing=False,
+                bf16=False,
+            ),
+            # Already tokenized (input_ids only), so TRL packs exactly the tokens the other sides train on.
+            train_dataset=Dataset.from_list([{"input_ids": e["input_ids"]} for e in dataset]),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
+    else:
+        if strategy == "group_by_length":
+            common["train_sampling_strategy"] = "group_by_length"
+        trainer = CountingTrainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=dataset,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            callbacks=[Clock()],
+        )
     output = trainer.train()
     seconds = clock["end"] - clock["begin"]
     return {
