@@ -13,7 +13,9 @@ Aspects:
   worker's reason and message, without retries;
 - a suspended FineTuneJob creates a suspended Job and runs nothing;
 - a worker over its memory limit is OOMKilled by the runtime and the FineTuneJob says OutOfMemory;
-- the operator process logs no traceback.
+- the operator process logs no traceback;
+- the run's condition transitions are Events on the FineTuneJob, and the operator's reconcile
+  metrics are served through the chart's metrics Service.
 """
 
 from __future__ import annotations
@@ -102,10 +104,38 @@ def test_helm_installed_operator_trains_and_publishes(
     assert result["sha256"] == hashlib.sha256(manifest_file.read_bytes()).hexdigest()
     assert result["metrics"]["artifact_size_bytes"] > 0 and result["metrics"]["eval_loss"] > 0
     _serve_and_swap(cluster, namespace)
+    _assert_observable(cluster, namespace, operator_release)
 
     # Least privilege held: nothing the operator tried was forbidden.
     log = cluster.read_log(namespace, pod.metadata.name)  # type: ignore[union-attr]
     assert "Forbidden" not in log and "Traceback" not in log, log[-4000:]
+
+
+def _assert_observable(cluster: ClusterHandle, namespace: str, release: str) -> None:
+    """The run's condition transitions are Events on the FineTuneJob, and the operator's metrics
+    are served through the chart's metrics Service (read through the apiserver's service proxy)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(cluster.api_client())
+    events = {
+        (e.type, e.reason)
+        for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=tiny-lora").items
+    }
+    for expected in [("Normal", "PlanRendered"), ("Normal", "Training"), ("Normal", "ArtifactPublished")]:
+        assert expected in events, events
+    assert not {e for e in events if e[0] == "Warning"}, events
+
+    text = core.connect_get_namespaced_service_proxy_with_path(
+        f"{release}-operator-metrics:metrics", namespace, "metrics"
+    )
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("kubetune_") and "{" in line
+    )
+    assert float(samples['kubetune_reconciles_total{kind="FineTuneJob"}']) >= 3, text
+    assert float(samples['kubetune_reconciles_total{kind="AdapterDeployment"}']) >= 1, text
+    assert float(samples['kubetune_objects{kind="FineTuneJob",phase="Succeeded"}']) == 1, text
+    assert any(k.startswith("kubetune_api_requests_total{") and 'code="200"' in k for k in samples), text
+    assert 'kubetune_reconcile_duration_seconds_count{kind="FineTuneJob"}' in samples, text
 
 
 def _assert_locked_down(pod: Any) -> None:
