@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,25 @@ def _local_model_dir(uri: str) -> Path | None:
     return path.parent if path.suffix == ".json" else path
 
 
+#: Seconds a failed read is remembered: an unreachable Hub must not cost every reconcile pass a
+#: network timeout.
+FAILED_READ_TTL_S = 300.0
+_failed_reads: dict[tuple[str, str | None], tuple[float, str]] = {}
+
+
 def read_model_config(uri: str, revision: str | None, settings: PlannerSettings) -> dict[str, Any]:
-    """The model's config.json (raises :class:`ModelConfigUnavailable` saying why not)."""
-    return dict(_read_model_config(uri, revision, settings.hub_downloads))
+    """The model's config.json (raises :class:`ModelConfigUnavailable` saying why not). Successes are
+    cached for the process's life (a revision's config does not change), failures for
+    :data:`FAILED_READ_TTL_S`."""
+    key = (uri, revision)
+    failed = _failed_reads.get(key)
+    if failed is not None and time.monotonic() - failed[0] < FAILED_READ_TTL_S:
+        raise ModelConfigUnavailable(failed[1])
+    try:
+        return dict(_read_model_config(uri, revision, settings.hub_downloads))
+    except ModelConfigUnavailable as error:
+        _failed_reads[key] = (time.monotonic(), str(error))
+        raise
 
 
 @functools.lru_cache(maxsize=256)
