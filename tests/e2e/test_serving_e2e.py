@@ -13,7 +13,8 @@ Aspects:
 - OpenAI compatibility through the Service: the official ``openai`` client streams completions and
   chat with the user's API key, and gets ``AuthenticationError`` without one;
 - hygiene: a ``spec.service`` change reaches the Service; a second replica brings a
-  PodDisruptionBudget that keeps all but one replica.
+  PodDisruptionBudget that keeps all but one replica;
+- ``mergeAdapter``: the one adapter is served merged into the base, which is no longer listed.
 """
 
 from __future__ import annotations
@@ -266,3 +267,51 @@ def test_corrupt_adapter_is_isolated_and_the_admin_api_needs_the_token(
     everything = operator.read_text() + json.dumps(_status(cluster, namespace))
     everything += json.dumps([e.message for e in core.list_namespaced_event(namespace).items])
     assert token not in everything
+
+
+def test_merge_adapter_serves_the_adapter_merged(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    import httpx
+
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+    from tests.serving.conftest import train
+
+    model = make_tiny_model(claim_dir / "model")
+    data = write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    train(model, data, claim_dir / "adapters" / "only", {"type": "lora", "lora": {"rank": 4}})
+    for path in [claim_dir, *claim_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    body = {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {"name": NAME},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "adapters": [{"name": "merged", "uri": "pvc://data/adapters/only"}],
+            "mergeAdapter": True,
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    _objects(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", body
+    )
+    status = wait_for(
+        lambda: _settled(cluster, namespace, "1/1"),
+        300,
+        interval=1,
+        description=lambda: f"Ready with the merged adapter: {json.dumps(_status(cluster, namespace))}",
+    )
+    assert status["phase"] == "Ready"
+    service = _core(cluster).read_namespaced_service(NAME, namespace)
+    url = f"http://{service.spec.cluster_ip}:8000/v1"
+    # The base is merged: only the adapter is served.
+    assert [m["id"] for m in httpx.get(f"{url}/models", timeout=30).json()["data"]] == ["merged"]
+    answer = httpx.post(
+        f"{url}/completions", json={"model": "merged", "prompt": PROMPT, "max_tokens": 4}, timeout=60
+    )
+    assert answer.status_code == 200 and answer.headers["x-kubetune-adapter"] == "merged", answer.text
+    assert (
+        httpx.post(f"{url}/completions", json={"model": "model", "prompt": PROMPT}, timeout=60).status_code
+        == 404
+    )
