@@ -494,8 +494,59 @@ class RouteBackend(ApiModel):
     weight: int = Field(ge=1, le=1000, description="weight, relative to the route's other backends.")
 
 
+class RouteCanary(ApiModel):
+    """A progressive rollout of one backend: its share of the route steps up while its error rate and
+    latency stay within bounds, and drops to zero otherwise."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.steps.all(i, i > 0 && i <= 100) && self.steps[size(self.steps) - 1] == 100",
+            message="canary.steps are percentages in 1..100 ending with 100",
+            field_path=".steps",
+            check=lambda c: all(0 < s <= 100 for s in c.steps) and c.steps[-1] == 100,
+        ),
+    )
+
+    adapter: str = Field(
+        min_length=1, max_length=63, description="adapter (a backend of the route) rolled out."
+    )
+    steps: list[int] = Field(
+        default_factory=lambda: [10, 50, 100],
+        min_length=1,
+        max_length=10,
+        description="steps: the adapter's share of the route's requests, in percent, one step after another; "
+        "the last is 100.",
+    )
+    step_seconds: int = Field(
+        default=60, ge=1, le=86400, description="stepSeconds each step lasts at least before the next."
+    )
+    min_requests: int = Field(
+        default=20, ge=1, le=1_000_000, description="minRequests the adapter must serve in a step to move on."
+    )
+    max_error_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="maxErrorRate: share of the adapter's requests that may fail (5xx).",
+    )
+    max_mean_latency_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="maxMeanLatencySeconds of the adapter's requests in a step; unset: no bound.",
+    )
+
+
 class Route(ApiModel):
     """A model name that splits requests across adapters by weight (canary between versions)."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.canary) || self.backends.exists(b, b.adapter == self.canary.adapter)",
+            message="canary.adapter must be one of the route's backends",
+            field_path=".canary.adapter",
+            check=lambda r: r.canary is None or any(b.adapter == r.canary.adapter for b in r.backends),
+        ),
+    )
 
     name: str = Field(
         min_length=1,
@@ -508,6 +559,12 @@ class Route(ApiModel):
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["adapter"]},
         description="backends and their weights.",
+    )
+    canary: RouteCanary | None = Field(
+        default=None,
+        description="canary steps one backend's share up automatically (e.g. 10, 50, 100 percent) while its "
+        "error rate and latency stay within bounds, and rolls it back otherwise; the other backends share "
+        "the rest by their weights. Progress is in status.canaries, the Canary condition and Events.",
     )
 
 
@@ -663,6 +720,25 @@ class AdapterStatus(ApiModel):
     message: str = Field(default="", description="message explaining a failure.")
 
 
+class CanaryStatus(ApiModel):
+    """Where a route's canary stands."""
+
+    route: str = Field(description="route whose backend is rolled out.")
+    adapter: str = Field(description="adapter rolled out.")
+    state: Literal["Progressing", "Promoted", "RolledBack"] = Field(description="state of the rollout.")
+    step: int = Field(default=0, ge=0, description="step index in canary.steps.")
+    weight: int = Field(default=0, ge=0, le=100, description="weight: the adapter's share now, in percent.")
+    step_started_at: float = Field(default=0, ge=0, description="stepStartedAt, Unix seconds.")
+    base_requests: float = Field(
+        default=0, ge=0, description="baseRequests: the adapter's request count at the step's start."
+    )
+    base_errors: float = Field(default=0, ge=0, description="baseErrors: its 5xx count then.")
+    base_latency_seconds: float = Field(
+        default=0, ge=0, description="baseLatencySeconds: its latency sum then."
+    )
+    message: str = Field(default="", description="message: the last step's figures or why it rolled back.")
+
+
 class AdapterDeploymentStatus(ApiModel):
     """The observed state of an AdapterDeployment."""
 
@@ -681,6 +757,9 @@ class AdapterDeploymentStatus(ApiModel):
     )
     adapters: list[AdapterStatus] = Field(default_factory=list, description="adapters and their state.")
     adapters_ready: str = Field(default="", description="adaptersReady for kubectl get, e.g. 2/3.")
+    canaries: list[CanaryStatus] = Field(
+        default_factory=list, description="canaries of the routes, one per route."
+    )
     endpoint: str = Field(default="", description="endpoint of the OpenAI-compatible API.")
 
 

@@ -113,19 +113,19 @@ def base_model_name(adep: AdapterDeployment) -> str:
     return f"{name}-base" if name in taken else name
 
 
-def serving_plan(adep: AdapterDeployment, resolved: list[AdapterResolution]) -> ServingPlan:
+def serving_plan(
+    adep: AdapterDeployment, resolved: list[AdapterResolution], canaries: list[dict[str, Any]] | None = None
+) -> ServingPlan:
+    """The plan; ``canaries`` (status.canaries) set the weights of routes whose canary runs."""
     resolved = [r for r in resolved if not r.problem]
     ready = {r.name for r in resolved if r.uri is not None}
-    routes = [
-        RouteEntry(
-            name=route.name,
-            backends=[
-                RouteBackend(adapter=b.adapter, weight=b.weight) for b in route.backends if b.adapter in ready
-            ],
-        )
-        for route in adep.spec.routes
-        if any(b.adapter in ready for b in route.backends)
-    ]
+    by_route = {c["route"]: c for c in canaries or []}
+    routes = []
+    for route in adep.spec.routes:
+        weights = canary_weights(route, by_route.get(route.name))
+        backends = [RouteBackend(adapter=a, weight=w) for a, w in weights if a in ready]
+        if backends:
+            routes.append(RouteEntry(name=route.name, backends=backends))
     return ServingPlan(
         model_uri=adep.spec.model.uri,
         model_revision=adep.spec.model.revision,
@@ -534,6 +534,114 @@ def unsupported(adep: AdapterDeployment) -> str | None:
     return None
 
 
+# -- progressive canary ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterTraffic:
+    """What the pods counted for one adapter (summed over the ready pods): requests it served, those
+    that failed (5xx), and the sum of their latencies in seconds. Counters: they only grow while the
+    pods live."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    latency_seconds: float = 0.0
+
+
+def canary_weights(route: Any, canary: dict[str, Any] | None) -> list[tuple[str, int]]:
+    """The route's backends and weights as its canary has them now: the canary adapter at its
+    step's percent, the others sharing the rest by their weights (at least 1 each while there is a
+    rest); a rolled-back canary gets nothing, a promoted one everything."""
+    declared = [(b.adapter, b.weight) for b in route.backends]
+    spec = route.canary
+    if spec is None:
+        return declared
+    state = (canary or {}).get("state", "Progressing")
+    share = {"RolledBack": 0, "Promoted": 100}.get(state, int((canary or {}).get("weight") or spec.steps[0]))
+    others = [(a, w) for a, w in declared if a != spec.adapter]
+    total = sum(w for _, w in others)
+    if not others or share >= 100:
+        return [(spec.adapter, 100)]
+    rest = [(a, max(1, round(w * (100 - share) / total))) for a, w in others]
+    return [*([(spec.adapter, share)] if share > 0 else []), *rest]
+
+
+def canary_progress(
+    route: Any, previous: dict[str, Any] | None, traffic: AdapterTraffic, now: float
+) -> tuple[dict[str, Any], events.Transition | None]:
+    """The canary's next status entry and the Event of its transition, if any (pure).
+
+    A step moves on once it has lasted ``stepSeconds`` and the adapter served ``minRequests`` in it
+    within bounds; it rolls back as soon as ``minRequests`` show an error rate or mean latency out of
+    bounds. Figures are deltas of the pods' counters since the step started; counters that went down
+    (a pod restarted) start the step's count again.
+    """
+    spec = route.canary
+
+    def entry(step: int, state: str, message: str, base: AdapterTraffic = traffic) -> dict[str, Any]:
+        weight = {"RolledBack": 0, "Promoted": 100}.get(state, spec.steps[step])
+        return {
+            "route": route.name,
+            "adapter": spec.adapter,
+            "state": state,
+            "step": step,
+            "weight": weight,
+            "stepStartedAt": now if base is traffic else (previous or {}).get("stepStartedAt", now),
+            "baseRequests": base.requests,
+            "baseErrors": base.errors,
+            "baseLatencySeconds": base.latency_seconds,
+            "message": message,
+        }
+
+    if previous is None or previous.get("adapter") != spec.adapter:
+        start = entry(0, "Progressing", f"started at {spec.steps[0]}%")
+        return start, events.Transition(
+            events.NORMAL, "CanaryStarted", f"route {route.name}: {spec.adapter} at {spec.steps[0]}%"
+        )
+    if previous.get("state") in ("Promoted", "RolledBack"):
+        return previous, None
+    step = min(int(previous.get("step", 0)), len(spec.steps) - 1)
+    base = AdapterTraffic(
+        previous.get("baseRequests", 0.0),
+        previous.get("baseErrors", 0.0),
+        previous.get("baseLatencySeconds", 0.0),
+    )
+    requests = traffic.requests - base.requests
+    errors = traffic.errors - base.errors
+    latency = traffic.latency_seconds - base.latency_seconds
+    if requests < 0 or errors < 0 or latency < 0:  # a pod restarted: count this step again
+        return {
+            **entry(step, "Progressing", "counters reset; counting this step again"),
+            "stepStartedAt": previous.get("stepStartedAt", now),
+        }, None
+    if requests < spec.min_requests:
+        return previous, None
+    error_rate, mean_latency = errors / requests, latency / max(requests - errors, 1)
+    figures = f"{int(requests)} requests, error rate {error_rate:.1%}, mean latency {mean_latency:.3f} s"
+    too_slow = spec.max_mean_latency_seconds is not None and mean_latency > spec.max_mean_latency_seconds
+    if error_rate > spec.max_error_rate or too_slow:
+        why = (
+            f"error rate above {spec.max_error_rate:.1%}"
+            if error_rate > spec.max_error_rate
+            else (f"mean latency above {spec.max_mean_latency_seconds} s")
+        )
+        message = f"rolled back at {spec.steps[step]}%: {figures}, {why}"
+        return entry(step, "RolledBack", message), events.Transition(
+            events.WARNING, "CanaryRolledBack", f"route {route.name}: {spec.adapter} {message}"
+        )
+    if now - float(previous.get("stepStartedAt", now)) < spec.step_seconds:
+        return previous, None
+    if step + 1 >= len(spec.steps):
+        message = f"promoted: {figures} at {spec.steps[step]}%"
+        return entry(step, "Promoted", message), events.Transition(
+            events.NORMAL, "CanaryPromoted", f"route {route.name}: {spec.adapter} {message}"
+        )
+    message = f"{spec.steps[step]}% -> {spec.steps[step + 1]}%: {figures}"
+    return entry(step + 1, "Progressing", message), events.Transition(
+        events.NORMAL, "CanaryStepped", f"route {route.name}: {spec.adapter} {message}"
+    )
+
+
 # -- status ------------------------------------------------------------------------------------------
 
 
@@ -618,6 +726,7 @@ def conditions_for(
     adapters: list[dict[str, Any]],
     route_error: str | None = None,
     admin_error: str | None = None,
+    canaries: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Ready: the replicas are ready and every adapter is settled (Loaded, or Failed and reported);
     Degraded: something declared does not serve."""
@@ -631,6 +740,7 @@ def conditions_for(
     def condition(kind: str, status: bool, reason: str, message: str = "") -> dict[str, Any]:
         return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message}
 
+    rolling = [c for c in canaries or [] if c["state"] == "Progressing"]
     if admin_error:
         degraded_reason = "AdminUnauthorized"
     elif failed:
@@ -639,7 +749,22 @@ def conditions_for(
         degraded_reason = "RoutesRejected"
     else:
         degraded_reason = "Healthy"
+    canary_conditions = []
+    if canaries:
+        states = {c["state"] for c in canaries}
+        reason = next(f"Canary{s}" for s in ("RolledBack", "Progressing", "Promoted") if s in states)
+        canary_conditions.append(
+            condition(
+                "Canary",
+                bool(rolling),
+                reason,
+                "; ".join(
+                    f"{c['route']}: {c['adapter']} at {c['weight']}%: {c['message']}" for c in canaries
+                ),
+            )
+        )
     return [
+        *canary_conditions,
         condition(
             "Ready",
             ready and settled,
@@ -649,8 +774,10 @@ def conditions_for(
         ),
         condition(
             "Progressing",
-            not (ready and settled),
-            "Rollout" if not ready else ("LoadingAdapters" if not settled else "Complete"),
+            not (ready and settled) or bool(rolling),
+            "Rollout"
+            if not ready
+            else ("LoadingAdapters" if not settled else ("Canary" if rolling else "Complete")),
         ),
         condition("AdaptersLoaded", all_loaded, "AllLoaded" if all_loaded else "NotAllLoaded"),
         condition(
@@ -672,6 +799,8 @@ def phase_for(conditions: list[dict[str, Any]]) -> str:
     true = {c["type"] for c in conditions if c["status"] == "True"}
     if "Degraded" in true:
         return "Degraded"
-    if "Ready" in true:
+    # A canary in progress keeps the object Progressing: the converge timer, which reads the phase,
+    # then keeps stepping it (its counters move without any Kubernetes event).
+    if "Ready" in true and "Canary" not in true:
         return "Ready"
     return "Progressing"

@@ -222,6 +222,29 @@ def sync_vllm_pod(
     return serving.PodReport(loaded=loaded, failures=failures)
 
 
+def pod_traffic(pod_ip: str, port: int) -> dict[str, serving.AdapterTraffic]:
+    """What a kubetune pod counted per adapter, from its Prometheus ``/metrics`` (open, like probes)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"http://{pod_ip}:{port}/metrics")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            adapter = sample.labels.get("served_by")
+            if adapter is None:
+                continue
+            row = counts.setdefault(adapter, [0.0, 0.0, 0.0])
+            if sample.name == "kubetune_serve_requests_total":
+                row[0] += sample.value
+                if sample.labels.get("code", "").startswith("5"):
+                    row[1] += sample.value
+            elif sample.name == "kubetune_serve_request_seconds_sum":
+                row[2] += sample.value
+    return {adapter: serving.AdapterTraffic(*row) for adapter, row in counts.items()}
+
+
 def _failed(obj: dict[str, Any], adep: AdapterDeployment, reason: str, message: str) -> dict[str, Any]:
     """Status of an AdapterDeployment that cannot be served as asked."""
     conditions = merge_conditions(
@@ -332,6 +355,37 @@ def reconcile_adapterdeployment(
         ]
         if vllm:
             VLLM_BACKOFF.keep_only(str(adep.metadata.uid), {p["metadata"]["uid"] for p in pods})
+        # Canaries: their weights come from the pods' counters of the canary adapters.
+        previous_canaries = {c["route"]: c for c in (obj.get("status") or {}).get("canaries") or []}
+        canaries: list[dict[str, Any]] = []
+        canary_events: list[events.Transition] = []
+        canary_routes = [r for r in adep.spec.routes if r.canary is not None]
+        if canary_routes and not vllm:
+            traffic: dict[str, serving.AdapterTraffic] = {}
+            for pod in ready_pods:
+                try:
+                    for served_by, seen in pod_traffic(
+                        pod["status"]["podIP"], adep.spec.service.port
+                    ).items():
+                        old = traffic.get(served_by, serving.AdapterTraffic())
+                        traffic[served_by] = serving.AdapterTraffic(
+                            old.requests + seen.requests,
+                            old.errors + seen.errors,
+                            old.latency_seconds + seen.latency_seconds,
+                        )
+                except (OSError, ValueError) as error:
+                    logger.warning("metrics of pod %s: %s", pod["metadata"]["name"], error)
+            for route in canary_routes:
+                assert route.canary is not None
+                entry, event = serving.canary_progress(
+                    route,
+                    previous_canaries.get(route.name),
+                    traffic.get(route.canary.adapter, serving.AdapterTraffic()),
+                    time.time(),
+                )
+                canaries.append(entry)
+                canary_events += [event] if event else []
+            plan = serving.serving_plan(adep, resolved, canaries)
         reports: list[serving.PodReport] = []
         route_error = admin_error = None
         for pod in ready_pods:
@@ -354,7 +408,7 @@ def reconcile_adapterdeployment(
         adapters = serving.adapter_statuses(resolved, reports)
         conditions = merge_conditions(
             (obj.get("status") or {}).get("conditions") or [],
-            serving.conditions_for(adep, len(ready_pods), adapters, route_error, admin_error),
+            serving.conditions_for(adep, len(ready_pods), adapters, route_error, admin_error, canaries),
             adep.metadata.generation,
             datetime.now(UTC),
         )
@@ -369,5 +423,7 @@ def reconcile_adapterdeployment(
             "adapters": adapters,
             "adaptersReady": f"{sum(a['state'] == 'Loaded' for a in adapters)}/{len(adapters)}",
             "endpoint": serving.endpoint(adep),
+            **({"canaries": canaries} if canaries or previous_canaries else {}),
         }
+        events.post(obj, canary_events)
         return _write_status(custom, obj, status)

@@ -374,3 +374,96 @@ def test_operator_side_backoff_for_runtimes_that_do_not_retry() -> None:
     assert backoff.pending(key) is not None
     backoff.keep_only("adep-uid", {"another-pod"})  # the pod went away
     assert backoff.pending(key) is None
+
+
+def _canary_route(**canary: Any) -> Any:
+    adep = _adep(
+        routes=[
+            {
+                "name": "support",
+                "backends": [{"adapter": "support-v1", "weight": 3}, {"adapter": "support-v2", "weight": 1}],
+                "canary": {"adapter": "support-v2", "steps": [10, 50, 100], "stepSeconds": 60, **canary},
+            }
+        ]
+    )
+    return adep, adep.spec.routes[0]
+
+
+def test_canary_weights() -> None:
+    adep, route = _canary_route()
+    assert serving.canary_weights(route, None) == [("support-v2", 10), ("support-v1", 90)]
+    assert serving.canary_weights(route, {"state": "Progressing", "weight": 50}) == [
+        ("support-v2", 50),
+        ("support-v1", 50),
+    ]
+    assert serving.canary_weights(route, {"state": "Promoted", "weight": 100}) == [("support-v2", 100)]
+    assert serving.canary_weights(route, {"state": "RolledBack", "weight": 0}) == [("support-v1", 100)]
+    # The canary's weights reach the live plan; a route without canary keeps its own.
+    plan = serving.serving_plan(
+        adep, serving.resolve_adapters(adep, JOBS), [{"route": "support", "weight": 50}]
+    )
+    assert [(b.adapter, b.weight) for b in plan.routes[0].backends] == [
+        ("support-v2", 50),
+        ("support-v1", 50),
+    ]
+
+
+def test_canary_steps_promotes_and_rolls_back() -> None:
+    _, route = _canary_route(minRequests=10, maxErrorRate=0.1, maxMeanLatencySeconds=2.0)
+    T = serving.AdapterTraffic
+
+    start, event = serving.canary_progress(route, None, T(5, 0, 1), now=1000)
+    assert (start["state"], start["weight"], start["baseRequests"]) == ("Progressing", 10, 5)
+    assert event is not None and event.reason == "CanaryStarted"
+    # Too few requests, or too early: no change, no Event.
+    assert serving.canary_progress(route, start, T(9, 0, 2), now=2000) == (start, None)
+    assert serving.canary_progress(route, start, T(40, 1, 10), now=1030) == (start, None)
+    # Enough requests within bounds after stepSeconds: the next step, counted from here.
+    second, event = serving.canary_progress(route, start, T(40, 1, 10), now=1061)
+    assert (second["state"], second["step"], second["weight"], second["stepStartedAt"]) == (
+        "Progressing",
+        1,
+        50,
+        1061,
+    )
+    assert event is not None and event.reason == "CanaryStepped" and "10% -> 50%" in event.message
+    third, _ = serving.canary_progress(route, second, T(80, 2, 20), now=1130)
+    assert third["weight"] == 100 and third["step"] == 2
+    promoted, event = serving.canary_progress(route, third, T(120, 3, 30), now=1200)
+    assert promoted["state"] == "Promoted" and event is not None and event.type == "Normal"
+    assert serving.canary_progress(route, promoted, T(500, 400, 30), now=9999) == (promoted, None)
+
+    # Errors above the bound roll back at once, without waiting for the step to end.
+    failed, event = serving.canary_progress(route, start, T(25, 5, 4), now=1001)
+    assert (failed["state"], failed["weight"]) == ("RolledBack", 0)
+    assert event is not None and event.type == "Warning" and event.reason == "CanaryRolledBack"
+    assert "error rate 25.0%" in failed["message"]
+    slow, _ = serving.canary_progress(route, start, T(25, 0, 100), now=1001)
+    assert slow["state"] == "RolledBack" and "mean latency above 2.0 s" in slow["message"]
+    # Counters that went down (a pod restarted) start the step's count again, keeping its start.
+    reset, event = serving.canary_progress(route, second, T(3, 0, 1), now=1100)
+    assert (reset["baseRequests"], reset["stepStartedAt"], event) == (3, 1061, None)
+
+
+def test_canary_condition_keeps_the_object_progressing() -> None:
+    adep, _ = _canary_route()
+    adapters = serving.adapter_statuses(
+        serving.resolve_adapters(adep, JOBS),
+        [
+            serving.PodReport(
+                loaded={"support-v1": "pvc://adapters/support-lora", "support-v2": "s3://adapters/support-v2"}
+            )
+        ],
+    )
+    running = [
+        {"route": "support", "adapter": "support-v2", "state": "Progressing", "weight": 10, "message": ""}
+    ]
+    conditions = {c["type"]: c for c in serving.conditions_for(adep, 1, adapters, canaries=running)}
+    assert (conditions["Canary"]["status"], conditions["Canary"]["reason"]) == ("True", "CanaryProgressing")
+    # Progressing while the canary runs: the converge timer keeps passing (it reads the phase).
+    assert conditions["Progressing"]["reason"] == "Canary"
+    assert serving.phase_for(list(conditions.values())) == "Progressing"
+    back = [{**running[0], "state": "RolledBack", "weight": 0}]
+    conditions = {c["type"]: c for c in serving.conditions_for(adep, 1, adapters, canaries=back)}
+    assert (conditions["Canary"]["status"], conditions["Canary"]["reason"]) == ("False", "CanaryRolledBack")
+    assert serving.phase_for(list(conditions.values())) == "Ready"

@@ -108,3 +108,76 @@ def test_sync_pod_reports_failures_once_and_sends_the_token(
     only_a = _plan(tmp_path, artifacts["base"], declared[:1])
     assert serving_reconcile.sync_pod("127.0.0.1", port, only_a, TOKEN).failures == {}
     assert set(_states(url)) == {"lora-a"}
+
+
+def test_canary_steps_on_a_real_pods_counters(
+    artifacts: dict[str, Path], serve: ServeFactory, tmp_path: Path
+) -> None:
+    """The operator's canary pass against a real pod: counters read from its /metrics, the step
+    decided, the new weights written with the token. Bounds met: 50% then 100% (promoted); a latency
+    bound no request meets: rolled back, the route left on the stable adapter."""
+    import time
+
+    from kubetune.api.v1alpha1 import AdapterDeployment
+    from kubetune.operator import serving
+
+    (tmp_path / "token").write_text(TOKEN)
+    stable, canary = f"file://{artifacts['lora-a']}", f"file://{artifacts['lora-b']}"
+    url = serve(
+        "--model",
+        str(artifacts["base"]),
+        "--adapter",
+        f"stable={stable}",
+        "--adapter",
+        f"canary={canary}",
+        "--admin-token-file",
+        str(tmp_path / "token"),
+    )
+    port = int(url.rsplit(":", 1)[1])
+
+    def deployment(name: str, **bounds: Any) -> tuple[AdapterDeployment, Any]:
+        backends = [{"adapter": "stable", "weight": 1}, {"adapter": "canary", "weight": 1}]
+        canary_spec = {"adapter": "canary", "steps": [50, 100], "stepSeconds": 1, "minRequests": 4, **bounds}
+        adep = AdapterDeployment.model_validate(
+            {
+                "metadata": {"name": "support", "namespace": "ns", "uid": "u"},
+                "spec": {
+                    "model": {"uri": f"file://{artifacts['base']}"},
+                    "adapters": [{"name": "stable", "uri": stable}, {"name": "canary", "uri": canary}],
+                    "routes": [{"name": name, "backends": backends, "canary": canary_spec}],
+                },
+            }
+        )
+        return adep, adep.spec.routes[0]
+
+    def run(name: str, **bounds: Any) -> list[dict[str, Any]]:
+        adep, route = deployment(name, **bounds)
+        resolved = serving.resolve_adapters(adep, {})
+        entry: dict[str, Any] | None = None
+        seen = []
+        for _ in range(40):
+            traffic = serving_reconcile.pod_traffic("127.0.0.1", port).get("canary", serving.AdapterTraffic())
+            entry, _event = serving.canary_progress(route, entry, traffic, time.time())
+            seen.append(entry)
+            plan = serving.serving_plan(adep, resolved, [entry])
+            serving_reconcile.sync_pod("127.0.0.1", port, plan, TOKEN)
+            table = {r["name"]: r for r in httpx.get(f"{url}/v1/adapters", timeout=10).json()["routes"]}
+            live = [(b["adapter"], b["weight"]) for b in table[name]["backends"]]
+            assert live == serving.canary_weights(route, entry)
+            if entry["state"] != "Progressing":
+                break
+            for _ in range(6):
+                body = {"model": name, "prompt": "encode : c a t", "max_tokens": 1}
+                httpx.post(f"{url}/v1/completions", json=body, timeout=60).raise_for_status()
+            time.sleep(0.5)
+        return seen
+
+    steps = run("promoted")
+    assert steps[0]["weight"] == 50
+    assert steps[-1]["state"] == "Promoted", steps[-1]
+    assert 100 in [s["weight"] for s in steps]
+
+    rolled = run("rolled", maxMeanLatencySeconds=1e-9)
+    assert rolled[-1]["state"] == "RolledBack" and "mean latency above" in rolled[-1]["message"], rolled[-1]
+    table = {r["name"]: r for r in httpx.get(f"{url}/v1/adapters", timeout=10).json()["routes"]}
+    assert [b["adapter"] for b in table["rolled"]["backends"]] == ["stable"]
