@@ -4,7 +4,8 @@ Aspects:
 - the reasons are read from the code, not listed by hand: the worker's typed errors (the exit-code
   table), and in the operator and the serving runtime every CamelCase constant in a reason
   position: the reason argument of a condition builder, a ``"reason"`` dict entry, an assignment to
-  a ``*reason`` name (both arms of a conditional), the first element a ``(reason, message)``
+  a ``*reason`` name (both arms of a conditional, every name a ``next(f"..." for ...)`` template
+  makes), the planner's ``Assessment`` reason, the first element a ``(reason, message)``
   function returns, and the reason an ``AdapterLoadError`` is raised with;
 - each of them has its own entry (a ``### `Reason` `` heading) on the page, and the page documents
   no reason the code cannot set.
@@ -26,7 +27,26 @@ def _constants(node: ast.AST | None) -> list[str]:
         return [node.value]
     if isinstance(node, ast.IfExp):
         return _constants(node.body) + _constants(node.orelse)
+    if (  # next(f"Prefix{s}" for s in ("A", "B")): every name the template can make
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "next"
+        and node.args
+        and isinstance(node.args[0], ast.GeneratorExp)
+        and isinstance(node.args[0].elt, ast.JoinedStr)
+        and isinstance(node.args[0].generators[0].iter, ast.Tuple)
+    ):
+        template, loop = node.args[0].elt, node.args[0].generators[0]
+        found = []
+        for value in _constants_of(loop.iter.elts):  # type: ignore[attr-defined]
+            parts = [part.value if isinstance(part, ast.Constant) else value for part in template.values]
+            found.append("".join(str(part) for part in parts))
+        return found
     return []
+
+
+def _constants_of(nodes: list[ast.expr]) -> list[str]:
+    return [c for n in nodes for c in _constants(n)]
 
 
 def _call_name(call: ast.Call) -> str:
@@ -39,7 +59,7 @@ def _reason_values(tree: ast.AST) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _call_name(node)
-            if name in ("_condition", "condition", "_failed"):  # (kind, status, reason, ...)
+            if name in ("_condition", "condition", "_failed", "Assessment"):  # (kind, status, reason, ...)
                 found += _constants(node.args[2]) if len(node.args) > 2 else []
             if name == "AdapterLoadError" and node.args:
                 found += _constants(node.args[0])
