@@ -23,7 +23,8 @@ kubetune runs in three data-feeding variants:
 
 Runs are interleaved and repeated; the table gives medians and the ratio of medians.
 
-Run (about 10 minutes on 2 shared CPU cores)::
+Run (about 10 minutes on 2 shared CPU cores with the first baseline alone; the two stronger baselines
+add two runs per repeat)::
 
     .venv/bin/python -m benchmarks.throughput       # writes benchmarks/results/throughput.{json,md}
 """
