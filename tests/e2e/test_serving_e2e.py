@@ -14,7 +14,9 @@ Aspects:
   chat with the user's API key, and gets ``AuthenticationError`` without one;
 - hygiene: a ``spec.service`` change reaches the Service; a second replica brings a
   PodDisruptionBudget that keeps all but one replica;
-- ``mergeAdapter``: the one adapter is served merged into the base, which is no longer listed.
+- ``mergeAdapter``: the one adapter is served merged into the base, which is no longer listed;
+- a route's canary is stepped (50%, 100%) by the operator from the pod's counters while requests
+  flow through the Service, then promoted: all requests on the new adapter, Events for each step.
 """
 
 from __future__ import annotations
@@ -315,3 +317,83 @@ def test_merge_adapter_serves_the_adapter_merged(
         httpx.post(f"{url}/completions", json={"model": "model", "prompt": PROMPT}, timeout=60).status_code
         == 404
     )
+
+
+def test_canary_is_promoted_step_by_step(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    import httpx
+
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+    from tests.serving.conftest import train
+
+    model = make_tiny_model(claim_dir / "model")
+    data = write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    for name, rank in (("v1", 4), ("v2", 8)):
+        train(model, data, claim_dir / "adapters" / name, {"type": "lora", "lora": {"rank": rank}})
+    for path in [claim_dir, *claim_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    body = {
+        "apiVersion": v1alpha1.API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {"name": NAME},
+        "spec": {
+            "model": {"uri": "pvc://data/model"},
+            "adapters": [
+                {"name": "v1", "uri": "pvc://data/adapters/v1"},
+                {"name": "v2", "uri": "pvc://data/adapters/v2"},
+            ],
+            "routes": [
+                {
+                    "name": "support",
+                    "backends": [{"adapter": "v1", "weight": 1}, {"adapter": "v2", "weight": 1}],
+                    "canary": {"adapter": "v2", "steps": [50, 100], "stepSeconds": 2, "minRequests": 4},
+                }
+            ],
+            "resources": {"cpu": "1", "memory": "2Gi"},
+        },
+    }
+    _objects(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", body
+    )
+
+    def serving_at_50() -> bool:
+        status = _status(cluster, namespace)
+        return status.get("readyReplicas") == 1 and (status.get("canaries") or [{}])[0].get("weight") == 50
+
+    wait_for(
+        serving_at_50,
+        300,
+        interval=1,
+        description=lambda: f"ready, the canary at 50%: {json.dumps(_status(cluster, namespace))}",
+    )
+    service = _core(cluster).read_namespaced_service(NAME, namespace)
+    url = f"http://{service.spec.cluster_ip}:8000/v1"
+
+    def promoted() -> dict[str, Any] | None:
+        answer = httpx.post(
+            f"{url}/completions", json={"model": "support", "prompt": PROMPT, "max_tokens": 1}, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        canary = (_status(cluster, namespace).get("canaries") or [{}])[0]
+        return canary if canary.get("state") == "Promoted" else None
+
+    canary = wait_for(
+        promoted, 300, interval=0.2, description=lambda: json.dumps(_status(cluster, namespace))
+    )
+    assert canary["weight"] == 100 and "promoted" in canary["message"]
+    status = _status(cluster, namespace)
+    assert (_condition(status, "Canary")["reason"], status["phase"]) == ("CanaryPromoted", "Ready")
+    # Every request now goes to v2.
+    for _ in range(5):
+        answer = httpx.post(
+            f"{url}/completions", json={"model": "support", "prompt": PROMPT, "max_tokens": 1}, timeout=60
+        )
+        assert answer.headers["x-kubetune-adapter"] == "v2"
+    reasons = {
+        e.reason
+        for e in _core(cluster)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}")
+        .items
+    }
+    assert {"CanaryStarted", "CanaryStepped", "CanaryPromoted"} <= reasons, reasons
