@@ -188,3 +188,20 @@ def test_infeasible_holds_the_job_without_failing_it() -> None:
     assert conditions["Feasible"]["status"] == "False" and conditions["Running"]["reason"] == "Infeasible"
     assert conditions["Failed"]["status"] == "False"
     assert status.phase_of(list(conditions.values())) == "Pending"
+
+
+def test_config_reads_fail_with_the_reason(tmp_path: Path) -> None:
+    from kubetune.planner import job
+
+    offline = planning.PlannerSettings(hub_downloads=False)
+    with pytest.raises(planning.ModelConfigUnavailable, match=r"config\.json"):
+        planning.read_model_config(f"file://{tmp_path}/missing", None, offline)
+    with pytest.raises(planning.ModelConfigUnavailable, match="kubetune-no-such/model"):
+        planning.read_model_config("hf://kubetune-no-such/model", None, offline)
+    # A failure is remembered for a while: the file appearing now is seen only after the TTL.
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing" / "config.json").write_text((CONFIGS / "qwen2.5-0.5b.json").read_text())
+    with pytest.raises(planning.ModelConfigUnavailable):
+        planning.read_model_config(f"file://{tmp_path}/missing", None, offline)
+    job._failed_reads.clear()
+    assert planning.read_model_config(f"file://{tmp_path}/missing", None, offline)["model_type"] == "qwen2"
