@@ -3,8 +3,10 @@
 # cluster-build compiles kube-apiserver, kube-controller-manager, kube-scheduler, etcd and
 # helm from the Go module proxy into $(KUBETUNE_CACHE) (default ~/.cache/kubetune); the
 # script is a no-op once they are cached, so it runs before every `make test`.
+# kueue-build compiles Kueue's controller the same way; only tests/cluster/test_kueue.py
+# needs it (the test builds it on first use when it is missing).
 
-.PHONY: cluster-build cluster-up cluster-down cluster-env
+.PHONY: cluster-build kueue-build cluster-up cluster-down cluster-env
 
 CLUSTER_NAME ?= dev
 # The pinned helm, for recipes: `$(HELM) install ...` (expanded when the recipe runs, after
@@ -18,6 +20,9 @@ KUBETUNE_CACHE_DIR = $${KUBETUNE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/kubetu
 cluster-build:
 	@mkdir -p "$(KUBETUNE_CACHE_DIR)/bin" && \
 		flock "$(KUBETUNE_CACHE_DIR)/bin/.build.lock" bash hack/localcluster/build.sh >/dev/null
+
+kueue-build:
+	@bash hack/localcluster/build-kueue.sh >/dev/null
 
 cluster-up: venv cluster-build
 	$(PY) -m kubetune.localcluster up --name $(CLUSTER_NAME)

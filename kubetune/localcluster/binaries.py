@@ -1,7 +1,8 @@
 """Where the control-plane binaries are: built by ``hack/localcluster/build.sh`` into a cache.
 
 ``KUBETUNE_CLUSTER_BIN`` may name a directory holding all of them instead (e.g. binaries
-from an envtest download), which skips the build script entirely.
+from an envtest download), which skips the build script entirely. Kueue, which only some
+tests run, is built apart by ``hack/localcluster/build-kueue.sh`` (:func:`find_kueue`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def repo_root() -> Path:
 
 def build_script() -> Path:
     return repo_root() / "hack" / "localcluster" / "build.sh"
+
+
+def kueue_build_script() -> Path:
+    return repo_root() / "hack" / "localcluster" / "build-kueue.sh"
 
 
 def cache_dir() -> Path:
@@ -119,3 +124,29 @@ def _print_paths(script: Path) -> dict[str, Path]:
         "leaves (a build of the same version is running, or one was interrupted): run `make cluster-build`"
         + (f" ({stderr})" if stderr else "")
     )
+
+
+def find_kueue(build: bool = False) -> Path:
+    """Kueue's controller binary; its ``config/`` (CRDs, webhooks, default Configuration) lies
+    beside it. With ``build=True`` it is built first when missing (a cold build takes many
+    minutes). ``KUBETUNE_KUEUE_DIR`` may name such a directory instead."""
+    override = os.environ.get("KUBETUNE_KUEUE_DIR")
+    if override:
+        binary = Path(override) / "kueue"
+    else:
+        script = kueue_build_script()
+        args = ["bash", str(script)] + ([] if build else ["--print-paths"])
+        proc = subprocess.run(
+            args, stdout=subprocess.PIPE, stderr=None if build else subprocess.PIPE, text=True, check=False
+        )
+        paths = _parse(proc.stdout)
+        if proc.returncode != 0 or "kueue" not in paths:
+            how = "failed" if build else "says it is not built"
+            raise BinariesMissing(
+                f"{script} {how} (exit code {proc.returncode}): run `make kueue-build` "
+                f"or `bash {script}`{': ' + proc.stderr.strip() if proc.stderr else ''}"
+            )
+        binary = paths["kueue"]
+    if not binary.is_file() or not (binary.parent / "config").is_dir():
+        raise BinariesMissing(f"Kueue not found at {binary} (with config/ beside it): run `make kueue-build`")
+    return binary

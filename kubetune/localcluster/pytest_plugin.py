@@ -6,6 +6,9 @@
 * ``api_client`` (session): ``cluster.api_client()``.
 * ``namespace`` (function): a fresh namespace (its ``default`` ServiceAccount already
   exists, so pods can be created at once), deleted after the test without waiting.
+* ``kueue_cluster`` (session): a second embedded cluster that also runs Kueue (its controller
+  and webhooks, built by ``make kueue-build``; skipped when it is not built); only the tests
+  that ask for it start it. With ``KUBECONFIG`` set, that cluster, if it has Kueue's CRDs.
 
 Set ``KUBETUNE_SKIP_CLUSTER=1`` to skip cluster tests instead of failing when no cluster can
 be started (not root, binaries not built).
@@ -40,9 +43,11 @@ def cluster() -> Iterator[ClusterHandle]:
     yield from session_cluster(runtime="process")
 
 
-def session_cluster(runtime: str) -> Iterator[ClusterHandle]:
+def session_cluster(runtime: str, *, kueue: bool = False) -> Iterator[ClusterHandle]:
     """The body of a session ``cluster`` fixture: ``KUBECONFIG``'s cluster when set, else an
-    embedded one whose node runs containers with ``runtime`` (``process`` or ``podman``).
+    embedded one whose node runs containers with ``runtime`` (``process`` or ``podman``), with
+    Kueue when ``kueue``. A Kueue that is not built skips the tests (``make kueue-build``: a cold
+    build takes the better part of an hour on two busy cores, too long to start inside a test).
 
     A conftest that needs real containers overrides ``cluster`` with
     ``yield from session_cluster(runtime="podman")``.
@@ -51,7 +56,7 @@ def session_cluster(runtime: str) -> Iterator[ClusterHandle]:
     if kubeconfig:
         yield ClusterHandle(Path(kubeconfig.split(os.pathsep)[0]))
         return
-    from kubetune.localcluster.binaries import BinariesMissing
+    from kubetune.localcluster.binaries import BinariesMissing, find_kueue
     from kubetune.localcluster.controlplane import ClusterError, ClusterOptions, LocalCluster, NodeOptions
 
     local = LocalCluster(
@@ -59,8 +64,14 @@ def session_cluster(runtime: str) -> Iterator[ClusterHandle]:
             nodes=[NodeOptions(runtime=runtime)],
             restart_backoff_s=_TEST_RESTART_BACKOFF_S,
             max_restart_backoff_s=_TEST_MAX_RESTART_BACKOFF_S,
+            kueue=kueue,
         )
     )
+    if kueue:
+        try:
+            find_kueue()
+        except BinariesMissing as exc:
+            pytest.skip(f"Kueue is not built: {exc}")
     try:
         local.start()
     except (BinariesMissing, ClusterError) as exc:
@@ -89,6 +100,22 @@ def _stop_on_sigterm() -> signal.Handlers | None:
 
     signal.signal(signal.SIGTERM, interrupt)
     return signal.SIG_DFL
+
+
+@pytest.fixture(scope="session")
+def kueue_cluster() -> Iterator[ClusterHandle]:
+    for handle in session_cluster(runtime="process", kueue=True):
+        if not handle.is_local:
+            from kubernetes import client
+            from kubernetes.client.rest import ApiException
+
+            try:
+                client.ApiextensionsV1Api(handle.api_client()).read_custom_resource_definition(
+                    "clusterqueues.kueue.x-k8s.io"
+                )
+            except ApiException:
+                pytest.skip("the KUBECONFIG cluster has no Kueue")
+        yield handle
 
 
 @pytest.fixture(scope="session")
