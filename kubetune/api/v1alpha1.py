@@ -310,7 +310,7 @@ class FineTuneJobSpec(ApiModel):
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
             cel=f"self.resources.nodes == 1 || !(self.method.type in {list(_SINGLE_NODE)!r})",
-            message=f"{' and '.join(_SINGLE_NODE)} train on a single node: set resources.nodes to 1",
+            message=f"method.type {' or '.join(_SINGLE_NODE)} trains on one node: set resources.nodes to 1",
             field_path=".resources.nodes",
             check=lambda s: s.resources.nodes == 1 or s.method.type not in _SINGLE_NODE,
         ),
