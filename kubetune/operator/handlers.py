@@ -35,7 +35,7 @@ from kubetune.operator import kube, logs, metrics
 from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
 from kubetune.operator.config import OperatorConfig
-from kubetune.operator.reconcile import KIND, PLURAL, PassMemory, reconcile
+from kubetune.operator.reconcile import KIND, PLURAL, PassMemory, SpecKey, reconcile, spec_key
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
 from kubetune.operator.serving_reconcile import KIND as ADEP_KIND
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
@@ -154,15 +154,16 @@ async def _in_pool(memo: Any, work: Callable[[], None]) -> None:
 
 
 def _needs_pass(memo: Any, type: str, uid: str, meta: kopf.Meta, status: kopf.Status) -> bool:
-    """Whether a FineTuneJob's event may change what a pass would do: a generation this process has
-    not reconciled. Our own status writes, and events older than them, show one it has."""
-    generation = meta.get("generation")
-    reconciled: dict[str, int | None] = memo["passes"].generations
-    if reconciled.get(uid) == generation:
+    """Whether a FineTuneJob's event may change what a pass would do: a generation (or a
+    skip-feasibility annotation) this process has not reconciled. Our own status writes, and events
+    older than them, show one it has."""
+    key = spec_key(meta)
+    reconciled: dict[str, SpecKey] = memo["passes"].generations
+    if reconciled.get(uid) == key:
         return False
-    if not type and ftj_status.finished(dict(status)) and status.get("observedGeneration") == generation:
+    if not type and ftj_status.finished(dict(status)) and status.get("observedGeneration") == key[0]:
         # The operator's start: a run that ended at this generation has nothing left to do.
-        reconciled[uid] = generation
+        reconciled[uid] = key
         return False
     return True
 

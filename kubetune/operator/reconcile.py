@@ -120,8 +120,18 @@ class PassMemory:
 
     #: Worker Job or pod uid -> :func:`status.child_fingerprint` of it as a pass last read it.
     children: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    #: FineTuneJob uid -> the generation a pass last reconciled.
-    generations: dict[str, int | None] = field(default_factory=dict)
+    #: FineTuneJob uid -> :func:`spec_key` of the object a pass last reconciled.
+    generations: dict[str, SpecKey] = field(default_factory=dict)
+
+
+#: What a pass reads from a FineTuneJob that its watch events must show changed: the generation, and
+#: the one annotation that changes the outcome without bumping it (metadata is not generation-counted).
+SpecKey = tuple[int | None, str | None]
+
+
+def spec_key(metadata: Any) -> SpecKey:
+    annotations = metadata.get("annotations") or {}
+    return metadata.get("generation"), annotations.get(planning.SKIP_ANNOTATION)
 
 
 def reconcile(
@@ -200,5 +210,5 @@ def reconcile(
         if kube.write_status(custom, PLURAL, obj, desired):
             logger.debug("status: %s", json.dumps(desired)[:500])
         if memory is not None:
-            memory.generations[obj["metadata"]["uid"]] = obj["metadata"].get("generation")
+            memory.generations[obj["metadata"]["uid"]] = spec_key(obj["metadata"])
         return desired

@@ -47,7 +47,14 @@ def test_method_comparison_runs_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_throughput_runs_end_to_end(tmp_path: Path) -> None:
     settings = throughput.Settings(
-        size="tiny", steps=2, batch_size=4, max_seq_length=64, records=24, variants=("grouped",), repeats=1
+        size="tiny",
+        steps=2,
+        batch_size=4,
+        max_seq_length=64,
+        records=24,
+        variants=("grouped",),
+        repeats=1,
+        baselines=(throughput.BASELINE,),  # the stronger ones: tests/benchmarks/test_baselines_smoke.py
     )
     document = throughput.run(settings, tmp_path / "work", tmp_path / "results")
 

@@ -121,7 +121,13 @@ def _assert_observable(cluster: ClusterHandle, namespace: str, release: str) -> 
         (e.type, e.reason)
         for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=tiny-lora").items
     }
-    for expected in [("Normal", "PlanRendered"), ("Normal", "Training"), ("Normal", "ArtifactPublished")]:
+    # Feasible's reason is the planner's: it does not read pvc:// models, so the job runs unchecked.
+    expected_events = [
+        ("Normal", "ModelConfigUnavailable"),
+        ("Normal", "Training"),
+        ("Normal", "ArtifactPublished"),
+    ]
+    for expected in expected_events:
         assert expected in events, events
     assert not {e for e in events if e[0] == "Warning"}, events
 

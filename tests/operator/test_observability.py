@@ -1,8 +1,9 @@
 """What the operator shows of itself on the local cluster: Events, /metrics and logs.
 
 Aspects:
-- condition transitions are posted as Events on the FineTuneJob: a Normal ``PlanRendered`` and a
-  Normal ``Suspended`` for a suspended job, Warnings (``PlanInvalid``) for one the plan refuses;
+- condition transitions are posted as Events on the FineTuneJob: a Normal Feasible one (the
+  planner's ``ModelConfigUnavailable``: the operator does not read pvc:// models) and a Normal
+  ``Suspended`` for a suspended job, Warnings (``PlanInvalid``) for one the plan refuses;
 - ``/metrics`` on ``--metrics-port`` counts reconciles per kind with their latency histogram, the
   objects by phase, and the API requests the passes made (by verb, resource and code);
 - the operator's log lines about a pass name the object as ``[namespace/name]``.
@@ -85,7 +86,8 @@ def test_events_metrics_and_logs(
         60,
         description=lambda: f"Events of held: {_events(cluster, namespace, 'held')}",
     )
-    assert ("Normal", "PlanRendered", "Feasible is True: the training plan was rendered") in held
+    feasible = [e for e in held if e[1] == "ModelConfigUnavailable"]
+    assert feasible and feasible[0][0] == "Normal" and feasible[0][2].startswith("Feasible is True: "), held
     assert ("Normal", "Suspended", "Suspended is True: spec.suspend is true") in held
     failed = wait_for(
         lambda: [e for e in _events(cluster, namespace, "two-nodes") if e[0] == "Warning"],

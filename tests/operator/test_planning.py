@@ -4,6 +4,9 @@ Aspects:
 - full fine-tuning of a Llama-3-8B config on 24Gi GPUs ends Feasible=False (InsufficientGpuMemory)
   with needed vs available and what would fit, Running=Infeasible, status.plan filled with
   fits=false, and no worker Job;
+- annotating the infeasible job with ``kubetune.dev/skip-feasibility: "true"`` afterwards (metadata,
+  no new generation) still reaches the operator: Feasible=True (FeasibilityCheckSkipped), an Event,
+  and its worker Job;
 - a job that fits (QLoRA on 80Gi) is Feasible=True (Fits), shows its plan, and ``kubectl get ftj -o
   wide`` prints its Trainable and Memory columns.
 
@@ -63,6 +66,22 @@ def test_an_infeasible_job_gets_no_worker_and_a_feasible_one_shows_its_plan(
     assert obj["status"]["phase"] == "Pending"
     jobs = client.BatchV1Api(cluster.api_client()).list_namespaced_job(namespace).items
     assert [j.metadata.name for j in jobs] == []
+
+    cluster.kubectl("annotate", "ftj", "too-big", "-n", namespace, "kubetune.dev/skip-feasibility=true")
+
+    def skipped() -> dict[str, Any] | None:
+        condition = _condition(get_finetunejob(cluster, namespace, "too-big"), "Feasible")
+        return condition if condition and condition["reason"] == "FeasibilityCheckSkipped" else None
+
+    feasible = wait_for(skipped, 120, description="the skip annotation honoured")
+    assert feasible["status"] == "True" and "exceeds" in feasible["message"], feasible
+    wait_for(
+        lambda: client.BatchV1Api(cluster.api_client()).list_namespaced_job(namespace).items,
+        60,
+        description="the skipped job's worker Job",
+    )
+    events = client.CoreV1Api(cluster.api_client()).list_namespaced_event(namespace).items
+    assert any(e.reason == "FeasibilityCheckSkipped" and e.involved_object.name == "too-big" for e in events)
 
     fits = finetunejob(
         "fits",
