@@ -32,7 +32,9 @@ venv:
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy
+	@# mypy's cache lives beside the venv it describes, so a fresh clone does not re-analyse torch and
+	@# transformers (minutes on two cores); it is keyed on the venv, so new pins start a new one.
+	MYPY_CACHE_DIR="$(KUBETUNE_CACHE_DIR)/mypy-$$(basename "$$(readlink -f $(VENV))")" $(PY) -m mypy
 
 crds: venv
 	$(PY) -m kubetune crds

@@ -61,7 +61,9 @@ wheels="$(bash hack/images/wheelhouse.sh operator "worker-$variant" build 2>>"$l
     || { echo "images: wheelhouse failed; see $log" >&2; tail -n 25 "$log" >&2; exit 1; }
 wheel_seconds=$(seconds $start)
 
-# build NAME DOCKERFILE TAG... : builds one image, prints its size.
+# build NAME DOCKERFILE TAG... : builds one image, prints its size. The revision labels are also
+# passed as --label, applied when the image is committed: buildah's layer cache reuses a LABEL step
+# whose build-arg values changed, so the same tree built at another commit kept the old revision.
 build() {
     local name="$1" dockerfile="$2"; shift 2
     local tags=()
@@ -71,6 +73,9 @@ build() {
         --build-context "wheels=$wheels" \
         --build-arg "BASE_IMAGE=$BASE_IMAGE" \
         --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
+        --label "org.opencontainers.image.version=$version" \
+        --label "org.opencontainers.image.revision=$revision" \
+        --label "org.opencontainers.image.created=$created" \
         "${extra_args[@]}" .
 }
 
