@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 # One xdist worker per core: most suites wait on a cluster or a subprocess, so they overlap, but
 # training steps and torch imports are CPU-bound and more workers than cores only slow each test.
 # `make test TEST_WORKERS=0` runs in one process (what pytest -n 0 means).
-TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# At most 4: each worker starts its own local cluster on first use.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 4 ? 4 : n )))
 
 -include hack/*.mk
 
