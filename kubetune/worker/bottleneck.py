@@ -21,6 +21,7 @@ The on-disk format is documented in ``docs/bottleneck-adapters.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -248,6 +249,18 @@ def bottleneck_parameter_count(hidden_size: int, num_layers: int, config: Bottle
     return len(config.sites) * num_layers * per_adapter
 
 
+def _new_adapters(layers: nn.ModuleList, hidden_size: int, config: BottleneckConfig) -> list[nn.ModuleDict]:
+    """Fresh adapters for each decoder layer, on that layer's device, in its adapter dtype."""
+    per_layer = []
+    for layer in layers:
+        dtype, device = _adapter_dtype(layer), _layer_device(layer)
+        adapters = nn.ModuleDict(
+            {site: BottleneckAdapter(hidden_size, config, dtype=dtype) for site in config.sites}
+        )
+        per_layer.append(adapters.to(device))
+    return per_layer
+
+
 def add_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     """Insert bottleneck adapters into ``model`` in place, freeze every base parameter, return ``model``.
 
@@ -263,18 +276,14 @@ def add_bottleneck_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Mo
         param.requires_grad_(False)
 
     site_modules = {"attn": arch.attn, "mlp": arch.mlp}
-    for layer in layers:
-        dtype, device = _adapter_dtype(layer), _layer_device(layer)
-        adapters = {site: BottleneckAdapter(hidden_size, config, dtype=dtype) for site in config.sites}
-        for adapter in adapters.values():
-            adapter.to(device)
+    for layer, adapters in zip(layers, _new_adapters(layers, hidden_size, config), strict=True):
         # Registered before the hooks so that the adapters are part of the layer (state dict, .to(), DDP).
-        setattr(layer, ADAPTER_ATTRIBUTE, nn.ModuleDict(adapters))
+        setattr(layer, ADAPTER_ATTRIBUTE, adapters)
         for site, adapter in adapters.items():
             sub_layer = _resolve(layer, site_modules[site])
             assert sub_layer is not None  # _find_architecture checked every layer
             # A bound method of the adapter, so deepcopy(model) re-binds the hook to the copied adapter.
-            sub_layer.register_forward_hook(adapter.apply_to_output)
+            sub_layer.register_forward_hook(cast(BottleneckAdapter, adapter).apply_to_output)
 
     # Plain attribute (not a module or parameter): stays out of the state dict.
     object.__setattr__(model, "_kubetune_bottleneck_config", config)
@@ -400,17 +409,9 @@ def is_bottleneck_adapter_dir(directory: str | os.PathLike[str]) -> bool:
     return True
 
 
-def load_bottleneck_adapter(
-    base_model: nn.Module, directory: str | os.PathLike[str], *, trainable: bool = False
-) -> nn.Module:
-    """Insert the adapters saved in ``directory`` into ``base_model`` (in place) and load their weights.
-
-    The adapters are frozen unless ``trainable`` (default ``False``, for serving). Raises
-    ``BottleneckFormatError`` for a directory that is not a readable adapter or whose tensors do not match
-    the model's shape; a base model whose config hash differs from the one the adapter was trained on is
-    logged as a warning, since a renamed copy of the same model is a legitimate base.
-    """
-    path = Path(directory)
+def _read_config(base_model: nn.Module, path: Path) -> BottleneckConfig:
+    """The adapter's config; a base whose config hash differs from the training base is only logged,
+    since a renamed copy of the same model is a legitimate base."""
     description = _read_description(path)
     config = BottleneckConfig.model_validate(description.get("config", {}))
     saved_base = description.get("base_model") or {}
@@ -425,20 +426,26 @@ def load_bottleneck_adapter(
             type(base_model).__name__,
             actual_hash[:12],
         )
+    return config
 
+
+def _load_weights(path: Path, per_layer: list[nn.ModuleDict], model_name: str) -> None:
+    """Load the saved tensors into ``per_layer`` (one ModuleDict of adapters per decoder layer)."""
     weights_path = path / WEIGHTS_FILE
     try:
         saved = load_file(str(weights_path))
     except FileNotFoundError:
         raise BottleneckFormatError(f"{path}: no {WEIGHTS_FILE}") from None
-
-    model = add_bottleneck_adapters(base_model, config)
-    expected = _adapter_state_dict(model)
+    expected = {
+        f"layers.{index}.{name}": tensor
+        for index, adapters in enumerate(per_layer)
+        for name, tensor in adapters.state_dict().items()
+    }
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
     if missing or unexpected:
         raise BottleneckFormatError(
-            f"{weights_path}: tensors do not match {type(model).__name__}"
+            f"{weights_path}: tensors do not match {model_name}"
             f" (missing {missing[:3]}{'...' if len(missing) > 3 else ''},"
             f" unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
@@ -448,11 +455,73 @@ def load_bottleneck_adapter(
                 f"{weights_path}: {key} has shape {tuple(tensor.shape)},"
                 f" the model needs {tuple(expected[key].shape)}"
             )
-
     with torch.no_grad():
-        for index, adapters in _adapted_layers(model):
+        for index, adapters in enumerate(per_layer):
             prefix = f"layers.{index}."
             own = {key[len(prefix) :]: value for key, value in saved.items() if key.startswith(prefix)}
             adapters.load_state_dict(own, strict=True)
-            adapters.requires_grad_(trainable)
+
+
+def load_bottleneck_adapter(
+    base_model: nn.Module, directory: str | os.PathLike[str], *, trainable: bool = False
+) -> nn.Module:
+    """Insert the adapters saved in ``directory`` into ``base_model`` (in place) and load their weights.
+
+    The adapters are frozen unless ``trainable`` (default ``False``, for serving). Raises
+    ``BottleneckFormatError`` for a directory that is not a readable adapter or whose tensors do not match
+    the model's shape; a base model whose config hash differs from the one the adapter was trained on is
+    logged as a warning, since a renamed copy of the same model is a legitimate base.
+    """
+    path = Path(directory)
+    config = _read_config(base_model, path)
+    model = add_bottleneck_adapters(base_model, config)
+    per_layer = [adapters for _, adapters in _adapted_layers(model)]
+    _load_weights(path, per_layer, type(model).__name__)
+    for adapters in per_layer:
+        adapters.requires_grad_(trainable)
     return model
+
+
+class DetachedBottleneck(nn.Module):
+    """A bottleneck adapter kept beside a base model instead of inside it, for serving.
+
+    Its hooks are registered only while :meth:`attached` is active, so any number of adapters share
+    one base model in memory and the base computes as itself the rest of the time. Built by
+    :func:`read_bottleneck_adapter`.
+    """
+
+    def __init__(self, config: BottleneckConfig, per_layer: list[nn.ModuleDict]) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(per_layer)
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[None]:
+        """While active, ``model`` (the base the adapter was read for) runs with this adapter."""
+        arch, layers = _find_architecture(model)
+        site_modules = {"attn": arch.attn, "mlp": arch.mlp}
+        handles = []
+        try:
+            for layer, adapters in zip(layers, self.layers, strict=True):
+                for site, adapter in cast(nn.ModuleDict, adapters).items():
+                    sub_layer = _resolve(layer, site_modules[site])
+                    assert sub_layer is not None  # _find_architecture checked every layer
+                    hook = cast(BottleneckAdapter, adapter).apply_to_output
+                    handles.append(sub_layer.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def read_bottleneck_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> DetachedBottleneck:
+    """The adapter saved in ``directory``, frozen and in eval mode, built for ``base_model`` but not
+    inserted into it (see :class:`DetachedBottleneck`). Raises as :func:`load_bottleneck_adapter`."""
+    path = Path(directory)
+    config = _read_config(base_model, path)
+    _, layers = _find_architecture(base_model)
+    per_layer = _new_adapters(layers, _hidden_size(base_model), config)
+    _load_weights(path, per_layer, type(base_model).__name__)
+    detached = DetachedBottleneck(config, per_layer).eval()
+    detached.requires_grad_(False)
+    return detached

@@ -4,9 +4,12 @@
 case, including QLoRA's) share a single PEFT wrapper over the base, and requests for different LoRA
 adapters and the base run in one batch: through :class:`StackedLora` (every adapter's LoRA weights
 stacked per layer, two batched matmuls) or, for adapters it does not cover, PEFT's mixed-adapter
-inference (``adapter_names=``). DoRA adapters, which PEFT cannot mix, and adapters of other kinds
-(IA3, prefix, bottleneck, full, each with its own model instance, a documented cost of this runtime)
-batch per adapter. The batching itself lives in :mod:`kubetune.worker.batching`.
+inference (``adapter_names=``). Adapters of the other methods share the same base weights too, and
+batch per adapter: IA3 and bottleneck adapters as forward hooks attached for their own batch
+(:mod:`kubetune.worker.serving_hooks`), prefix adapters as PEFT prompt-learning wrappers over the
+base (their past key values are all they add). DoRA adapters, which PEFT cannot mix, batch per
+adapter on the LoRA host. Only a full fine-tune is a model of its own. The batching itself lives in
+:mod:`kubetune.worker.batching`.
 
 Adapters are verified before they serve: the artifact's ``kubetune.json`` must be complete, every file
 must match its recorded sha256, the manifest itself must match the sha256 the caller recorded (a
@@ -99,8 +102,11 @@ class LoadedAdapter:
     sha256: str
     method: str
     format: str
-    shared: bool  # True: a named adapter on the shared LoRA wrapper; False: its own model instance
+    shared: bool  # True: a named adapter on the shared LoRA wrapper
     instance: Any = None
+    # How it uses the base: "lora" (on the LoRA host), "hooks" (instance: a HookedAdapter),
+    # "prompt" (instance: a PEFT prompt-learning wrapper over the base), "merged", "own" (a full model).
+    kind: str = "lora"
     mixable: bool = False  # True: may share a batch with other LoRA adapters (PEFT's adapter_names)
     loaded_at: float = field(default_factory=time.time)
 
@@ -533,13 +539,22 @@ class ModelServer:
             return self._load_merged(
                 name, source, directory, manifest, mergeable=bool(info and info.serving.merges)
             )
-        instance = None
-        if not is_lora:  # its own model: built outside the lock, requests keep flowing meanwhile
+        kind = "lora" if is_lora else self._kind(name, directory, manifest)
+        instance: Any = None
+        # Built outside the lock, requests keep flowing meanwhile (the hooks only read the base).
+        if kind == "own":
             instance = load_trained_model(directory, self.base_path, trust_remote_code=self.trust_remote_code)
             instance = instance.to(self.device).eval()
+        elif kind == "hooks":
+            instance = self._read_hooks(name, directory, manifest)
         with self.model_lock:
             if name in self.adapters:
                 self._detach(name)
+            if kind == "prompt":
+                from peft import PeftModel
+
+                # Prompt learning leaves the base's modules alone: the wrapper only adds past key values.
+                instance = PeftModel.from_pretrained(self.base, directory).eval()
             if is_lora:
                 if self._lora_host is None:
                     from peft import PeftModel
@@ -562,11 +577,48 @@ class ModelServer:
                 shared=is_lora,
                 instance=instance,
                 mixable=mixable,
+                kind=kind,
             )
             self.adapters[name] = loaded
             self._attachments += 1
         logger.info("loaded adapter %s (%s) from %s", name, loaded.method, directory)
         return loaded
+
+    def _kind(self, name: str, directory: Path, manifest: dict[str, Any]) -> str:
+        """How a non-LoRA artifact is served: "hooks", "prompt" or "own" (a full fine-tune)."""
+        if manifest["format"] == "bottleneck":
+            return "hooks"
+        if manifest["format"] == "full":
+            return "own"
+        from peft import PeftConfig, PeftType
+
+        try:
+            config = PeftConfig.from_pretrained(str(directory))
+        except Exception as exc:
+            raise AdapterLoadError(
+                "UnsupportedArtifact", f"adapter {name}: unreadable PEFT config: {type(exc).__name__}: {exc}"
+            ) from exc
+        if config.peft_type == PeftType.IA3:
+            return "hooks"
+        if config.is_prompt_learning:
+            return "prompt"
+        raise AdapterLoadError(
+            "UnsupportedArtifact", f"adapter {name}: PEFT adapters of type {config.peft_type} are not served"
+        )
+
+    def _read_hooks(self, name: str, directory: Path, manifest: dict[str, Any]) -> Any:
+        from kubetune.worker.serving_hooks import BottleneckHooks, IA3Hooks
+
+        try:
+            if manifest["format"] == "bottleneck":
+                return BottleneckHooks(self.base, directory)
+            return IA3Hooks.read(self.base, directory)
+        except ValueError as exc:  # BottleneckFormatError and UnsupportedArchitectureError too
+            raise AdapterLoadError("UnsupportedArtifact", f"adapter {name}: {exc}") from exc
+
+    def _base_only(self) -> contextlib.AbstractContextManager[Any]:
+        """The base computing as itself: the LoRA host's layers, injected into it, switched off."""
+        return self._lora_host.disable_adapter() if self._lora_host is not None else contextlib.nullcontext()
 
     def _load_merged(
         self, name: str, source: str, directory: Path, manifest: dict[str, Any], *, mergeable: bool
@@ -602,6 +654,7 @@ class ModelServer:
                 format=manifest["format"],
                 shared=False,
                 instance=self.base,
+                kind="merged",
             )
             self.adapters[name] = loaded
             self._attachments += 1
@@ -801,6 +854,12 @@ class ModelServer:
                 if loaded.shared:  # a LoRA adapter PEFT cannot mix (DoRA)
                     self._lora_host.set_adapter(loaded.name)
                     self._lora_host.generate(**kwargs)
+                elif loaded.kind == "hooks":
+                    with self._base_only(), loaded.instance.attached(self.base):
+                        self.base.generate(**kwargs)
+                elif loaded.kind == "prompt":
+                    with self._base_only():
+                        loaded.instance.generate(**kwargs)
                 else:
                     loaded.instance.generate(**kwargs)
 
@@ -838,7 +897,7 @@ def describe(server: ModelServer) -> dict[str, Any]:
                 "sha256": a.sha256,
                 "method": a.method,
                 "format": a.format,
-                "shared_base": a.shared,
+                "shared_base": a.kind != "own",
                 "state": "Loaded",
             }
             for a in list(server.adapters.values())
