@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.operator import kube
+from kubetune.operator import distributed, kube
 from kubetune.operator.config import WorkerSettings
 from kubetune.operator.pods import LABEL_COMPONENT, LABEL_MANAGED_BY, pod_spec_with
 from kubetune.operator.render import EPHEMERAL_WORK_DIR, PROGRESS_PORT, PVC_MOUNT_ROOT, claims_of
 from kubetune.worker import plan as wp
-from kubetune.worker.errors import ERROR_TYPES, Preempted
+from kubetune.worker.errors import ERROR_TYPES, PeerLost, Preempted
 
 LABEL_FINETUNEJOB = "kubetune.dev/finetunejob"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -35,6 +35,10 @@ def plan_configmap_name(job: FineTuneJob) -> str:
 
 def worker_job_name(job: FineTuneJob) -> str:
     return f"{job.metadata.name}-train"
+
+
+def rendezvous_service_name(job: FineTuneJob) -> str:
+    return worker_job_name(job)
 
 
 def owner_reference(job: FineTuneJob) -> dict[str, Any]:
@@ -73,7 +77,8 @@ def work_claim(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any] | N
     if job.spec.output.uri.startswith("pvc://"):
         return None
     spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
+        # Every node of a group reads and writes the same checkpoints.
+        "accessModes": ["ReadWriteMany" if distributed.is_distributed(job) else "ReadWriteOnce"],
         "resources": {"requests": {"storage": settings.work_claim_size}},
     }
     if settings.work_storage_class:
@@ -105,6 +110,30 @@ def plan_configmap(job: FineTuneJob, plan: wp.TrainingPlan) -> dict[str, Any]:
     }
 
 
+def rendezvous_service(job: FineTuneJob) -> dict[str, Any] | None:
+    """The headless Service that gives each pod of a multi-node group its DNS name
+    (``<job>-<index>.<service>``); None for one node."""
+    if not distributed.is_distributed(job):
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": rendezvous_service_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": child_labels(job, "rendezvous"),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            # Names must resolve before pods are Ready: the rendezvous happens while they start.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_FINETUNEJOB: str(job.metadata.name), LABEL_COMPONENT: "worker"},
+            "ports": [{"name": "rendezvous", "port": distributed.RENDEZVOUS_PORT}],
+        },
+    }
+
+
 def _non_retryable_exit_codes() -> list[int]:
     return sorted({error.exit_code for error in ERROR_TYPES if not error.retryable})
 
@@ -128,7 +157,8 @@ def _resources(job: FineTuneJob) -> dict[str, Any]:
 
 
 def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
-    """The batch/v1 Job that runs ``kubetune train`` on the rendered plan (single node)."""
+    """The batch/v1 Job that runs ``kubetune train`` on the rendered plan: one pod, or for
+    ``resources.nodes > 1`` an Indexed Job whose pods join one torchrun group (:mod:`distributed`)."""
     spec = job.spec
     overrides = spec.pod_template
     labels = {**(overrides.labels if overrides and overrides.labels else {}), **child_labels(job, "worker")}
@@ -160,13 +190,20 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
         )
     ]
 
+    command = ["python", "-m", "kubetune", "train", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"]
+    ports = [{"name": "progress", "containerPort": PROGRESS_PORT}]
+    if distributed.is_distributed(job):
+        command = distributed.launch_command(
+            job, worker_job_name(job), rendezvous_service_name(job), command[1:]
+        )
+        ports.append({"name": "rendezvous", "containerPort": distributed.RENDEZVOUS_PORT})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kubetune", "train", "--plan", f"{PLAN_MOUNT}/{PLAN_KEY}"],
+        "command": command,
         "env": env,
-        "ports": [{"name": "progress", "containerPort": PROGRESS_PORT}],
+        "ports": ports,
         "volumeMounts": mounts,
         "resources": _resources(job),
         "terminationMessagePath": "/dev/termination-log",
@@ -188,6 +225,12 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
         # Never, so that every retry is a new pod and the Job's podFailurePolicy can judge exit codes.
         restartPolicy="Never",
     )
+    ignored_exit_codes = [PREEMPTED_EXIT_CODE]
+    if distributed.is_distributed(job):
+        # The Job controller names each pod <job>-<index>; the subdomain puts that name in DNS.
+        pod_spec["subdomain"] = rendezvous_service_name(job)
+        # A rank that lost its peer is not at fault: only the pod that failed first counts.
+        ignored_exit_codes.append(PeerLost.exit_code)
 
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
@@ -203,7 +246,7 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": [PREEMPTED_EXIT_CODE],
+                        "values": ignored_exit_codes,
                     },
                 },
                 # A bad dataset or a missing model fails the same way every time: stop at once.
@@ -225,6 +268,8 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
             "spec": pod_spec,
         },
     }
+    if distributed.is_distributed(job):
+        job_spec.update(distributed.indexed_job_fields(job))
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:

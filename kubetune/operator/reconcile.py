@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.operator import builders, kube, planning, status
+from kubetune.operator import builders, distributed, kube, planning, status
 from kubetune.operator.config import OperatorConfig
 from kubetune.operator.render import PROGRESS_PORT, training_plan
 from kubetune.worker import plan as wp
@@ -57,8 +57,6 @@ def _fetch_progress(pod: dict[str, Any], timeout: float) -> ProgressReport | Non
 
 def plan_problem(job: FineTuneJob) -> str | None:
     """Why this operator cannot run the job, or None."""
-    if job.spec.resources.nodes > 1:
-        return "multi-node training is not supported by this operator version yet: set resources.nodes to 1"
     return None
 
 
@@ -89,7 +87,11 @@ def ensure_worker(
     if worker is None:
         if status.finished(previous):
             return None, None  # the run ended; its Job was deleted (TTL, a user) and stays deleted
-        for child in (builders.plan_configmap(job, plan), builders.work_claim(job, config.worker)):
+        for child in (
+            builders.plan_configmap(job, plan),
+            builders.work_claim(job, config.worker),
+            builders.rendezvous_service(job),
+        ):
             if child is None:
                 continue
             existing = kube.read(api_client, child["kind"], namespace, child["metadata"]["name"])
@@ -183,7 +185,10 @@ def reconcile(
             # By the Job's uid: pods of an earlier Job of the same name are not this run's.
             uid = worker["metadata"]["uid"]
             pods = kube.list_pods(api_client, namespace, f"batch.kubernetes.io/controller-uid={uid}")
-            running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+            # Rank 0 (index 0 of a multi-node group) is the one that serves progress.
+            running = [
+                p for p in distributed.rank0_first(pods) if (p.get("status") or {}).get("phase") == "Running"
+            ]
             if running:
                 progress = _fetch_progress(running[0], config.progress_timeout_s)
 

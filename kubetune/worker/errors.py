@@ -21,6 +21,7 @@ code   reason                  retryable  meaning
 19     SourceUnavailable       yes        network or storage trouble while fetching inputs
 20     TrainingDiverged        no         the loss became NaN or infinite
 21     AccessDenied            no         credentials missing or rejected for a model/dataset
+22     PeerLost                yes        another rank of a multi-node group went away mid-run
 143    Preempted               yes        SIGTERM: a checkpoint was written; run again to resume
 =====  ======================  =========  ==========================================================
 """
@@ -92,6 +93,13 @@ class AccessDenied(KubetuneError):
     reason, exit_code, retryable = "AccessDenied", 21, False
 
 
+class PeerLost(KubetuneError):
+    """Another rank of the group stopped (its pod failed, was deleted or preempted): this rank is not
+    at fault, and the group restarts from its last checkpoint."""
+
+    reason, exit_code, retryable = "PeerLost", 22, True
+
+
 class Preempted(KubetuneError):
     """SIGTERM turned into a checkpoint. 143 is what a SIGTERM'd process reports anyway (128 + 15)."""
 
@@ -112,6 +120,7 @@ ERROR_TYPES: tuple[type[KubetuneError], ...] = (
     SourceUnavailable,
     TrainingDiverged,
     AccessDenied,
+    PeerLost,
     Preempted,
 )
 

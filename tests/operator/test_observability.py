@@ -3,7 +3,7 @@
 Aspects:
 - condition transitions are posted as Events on the FineTuneJob: a Normal Feasible one (the
   planner's ``ModelConfigUnavailable``: the operator does not read pvc:// models) and a Normal
-  ``Suspended`` for a suspended job, Warnings (``PlanInvalid``) for one the plan refuses;
+  ``Suspended`` for a suspended job, Warnings (``DatasetNotFound``) for one whose worker fails;
 - ``/metrics`` on ``--metrics-port`` counts reconciles per kind with their latency histogram, the
   objects by phase, and the API requests the passes made (by verb, resource and code);
 - the operator's log lines about a pass name the object as ``[namespace/name]``.
@@ -75,11 +75,16 @@ def test_events_metrics_and_logs(
     cluster: ClusterHandle, namespace: str, operator: Path, metrics_port: int
 ) -> None:
     create_finetunejob(cluster, namespace, finetunejob("held", suspend=True))
-    two_nodes: dict[str, Any] = finetunejob("two-nodes")
-    two_nodes["spec"]["resources"]["nodes"] = 2  # admitted, but this operator cannot plan it
-    create_finetunejob(cluster, namespace, two_nodes)
+    # Admitted, and its worker fails at once (the dataset is checked before torch is imported).
+    no_data: dict[str, Any] = finetunejob("no-data")
+    no_data["spec"].update(
+        model={"uri": "file:///nonexistent-kubetune/model"},
+        dataset={"uri": "file:///nonexistent-kubetune/train.jsonl"},
+        output={"uri": "file:///nonexistent-kubetune/out"},
+    )
+    create_finetunejob(cluster, namespace, no_data)
     wait_for(lambda: phase_is(cluster, namespace, "held", "Suspended"), 60, description="held Suspended")
-    wait_for(lambda: phase_is(cluster, namespace, "two-nodes", "Failed"), 60, description="two-nodes Failed")
+    wait_for(lambda: phase_is(cluster, namespace, "no-data", "Failed"), 180, description="no-data Failed")
 
     held = wait_for(
         lambda: (e := _events(cluster, namespace, "held")) and len(e) >= 2 and e,
@@ -90,12 +95,12 @@ def test_events_metrics_and_logs(
     assert feasible and feasible[0][0] == "Normal" and feasible[0][2].startswith("Feasible is True: "), held
     assert ("Normal", "Suspended", "Suspended is True: spec.suspend is true") in held
     failed = wait_for(
-        lambda: [e for e in _events(cluster, namespace, "two-nodes") if e[0] == "Warning"],
+        lambda: [e for e in _events(cluster, namespace, "no-data") if e[0] == "Warning"],
         60,
-        description=lambda: f"Events of two-nodes: {_events(cluster, namespace, 'two-nodes')}",
+        description=lambda: f"Events of no-data: {_events(cluster, namespace, 'no-data')}",
     )
-    assert {reason for _, reason, _ in failed} == {"PlanInvalid"}
-    assert any("multi-node training is not supported" in message for _, _, message in failed), failed
+    assert {reason for _, reason, _ in failed} == {"DatasetNotFound"}
+    assert any("train.jsonl: no such file" in message for _, _, message in failed), failed
 
     samples = _scrape(metrics_port)
     assert _value(samples, "kubetune_reconciles_total", kind="FineTuneJob") >= 2
