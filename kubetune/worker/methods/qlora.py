@@ -24,7 +24,11 @@ def _compute_dtype(spec: MethodSpec, context: BuildContext) -> Any:
 
 def load_kwargs(spec: MethodSpec, context: BuildContext) -> dict[str, Any]:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
+
+        # The worker defers this import (kubetune/worker/__init__.py); touching the module loads it
+        # here, on the main thread, so a broken install fails with this message.
+        bitsandbytes.__version__  # noqa: B018
     except ImportError as exc:
         raise DependencyMissing(
             "method qlora needs the bitsandbytes package (pip install bitsandbytes)"
