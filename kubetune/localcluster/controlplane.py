@@ -133,17 +133,31 @@ class Component:
         self, name: str, argv: list[str], state_dir: Path, env: dict[str, str] | None = None
     ) -> None:
         self.name = name
+        self.argv = argv
+        self.env = env
+        self.state_dir = state_dir
         self.log_path = state_dir / "logs" / f"{name}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._record = state_dir / "pids" / name
+        self.proc = self._launch()
+
+    def _launch(self) -> subprocess.Popen[bytes]:
         # The parent-death signal makes a component die with its owner even on SIGKILL.
         prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                prefix + argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env,
+            proc = subprocess.Popen(
+                prefix + self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env=self.env,
             )  # fmt: skip
-        procs.record(state_dir / "pids", name, self.proc.pid)
-        self._record = state_dir / "pids" / name
+        procs.record(self.state_dir / "pids", self.name, proc.pid)
+        return proc
+
+    def restart(self, down_s: float = 0.0, grace: float = 10.0) -> None:
+        """Stop the process, wait ``down_s`` seconds, and start it again with the same command
+        line (its log continues)."""
+        self.stop(grace)
+        time.sleep(down_s)
+        self.proc = self._launch()
 
     def check_running(self) -> None:
         if self.proc.poll() is not None:
@@ -434,6 +448,13 @@ class LocalCluster:
 
     def _wait_apiserver_ready(self) -> None:
         self._wait("kube-apiserver /readyz", lambda: self.api_get("/readyz") == "ok")
+
+    def restart_apiserver(self, down_s: float = 0.0) -> None:
+        """Stop kube-apiserver (SIGTERM, as a rolling control-plane upgrade does), keep it down for
+        ``down_s`` seconds, start it again on the same address and etcd, and wait for ``/readyz``.
+        Every client's watch breaks meanwhile; the others must re-establish theirs."""
+        self.components["kube-apiserver"].restart(down_s)
+        self._wait_apiserver_ready()
 
     def wait_node_ready(self, name: str, timeout: float | None = None) -> None:
         def ready() -> bool:

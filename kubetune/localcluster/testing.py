@@ -180,6 +180,16 @@ class ClusterHandle:
         obj = core.read_namespaced_pod(pod, namespace)
         return read_container_log(self.local, obj.to_dict(), container, previous=previous)
 
+    def restart_apiserver(self, down_s: float = 0.0) -> float:
+        """Stop the apiserver, keep it down ``down_s`` seconds, start it again and wait until it
+        is ready; returns the seconds it was unreachable. Every watch on it breaks. Only on the
+        local cluster: raises ``NotImplementedError`` elsewhere (tests skip)."""
+        if self.local is None:
+            raise NotImplementedError("restarting the apiserver needs the embedded local cluster")
+        started = time.monotonic()
+        self.local.restart_apiserver(down_s)
+        return time.monotonic() - started
+
     @contextmanager
     def add_node(self, name: str, *, gpus: int = 0, runtime: str | None = None) -> Iterator[str]:
         """Run an extra node agent for the duration of the ``with`` block; yields its name.

@@ -20,6 +20,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from kubetune.api.schema import ApiModel
+from kubetune.api.v1alpha1 import (
+    Condition,
+    FineTuneJobStatus,
+    TrainingPlanStatus,
+    TrainingProgress,
+    TrainingResult,
+)
 from kubetune.operator.builders import CONTAINER, PREEMPTED_EXIT_CODE
 from kubetune.operator.conditions import merge_conditions
 from kubetune.worker.errors import REASON_BY_EXIT_CODE
@@ -260,32 +268,29 @@ def phase_of(conditions: list[dict[str, Any]]) -> str:
     return "Pending"
 
 
-def _progress_status(progress: ProgressReport) -> dict[str, Any]:
+def _progress_status(progress: ProgressReport) -> TrainingProgress:
     percent = int(100 * progress.step / progress.total_steps) if progress.total_steps else 0
-    out: dict[str, Any] = {
-        "step": progress.step,
-        "totalSteps": progress.total_steps,
-        "summary": f"{progress.step}/{progress.total_steps} ({percent}%)",
-        "epoch": round(progress.epoch, 4),
-    }
-    for key, value in (
-        ("loss", progress.loss),
-        ("evalLoss", progress.eval_loss),
-        ("tokensPerSecond", progress.tokens_per_second),
-    ):
-        if value is not None:
-            out[key] = round(float(value), 6)
-    if progress.eta_seconds is not None:
-        out["etaSeconds"] = int(progress.eta_seconds)
-    if progress.updated_at:
-        out["updatedAt"] = progress.updated_at
-    return out
+    return TrainingProgress(
+        step=progress.step,
+        total_steps=progress.total_steps,
+        summary=f"{progress.step}/{progress.total_steps} ({percent}%)",
+        epoch=round(progress.epoch, 4),
+        loss=_rounded(progress.loss),
+        eval_loss=_rounded(progress.eval_loss),
+        tokens_per_second=_rounded(progress.tokens_per_second),
+        eta_seconds=None if progress.eta_seconds is None else int(progress.eta_seconds),
+        updated_at=progress.updated_at or None,
+    )
 
 
-def _final_progress(last: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
+def _final_progress(last: TrainingProgress | None, final: dict[str, Any]) -> TrainingProgress:
     """The last live report completed with the worker's final numbers (numbers only: the schema has
     no nulls), and a summary that says where the run ended."""
-    progress = dict(last)
+    progress = wire(last) if last is not None else {}
     for key in ("step", "totalSteps", "epoch", "loss", "evalLoss"):
         value = final.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
@@ -294,10 +299,10 @@ def _final_progress(last: dict[str, Any], final: dict[str, Any]) -> dict[str, An
     if step is not None and total:
         progress["summary"] = f"{step}/{total} ({int(100 * step / total)}%)"
         progress["etaSeconds"] = 0
-    return progress
+    return TrainingProgress.model_validate(progress)
 
 
-def _result_status(summary: dict[str, Any]) -> dict[str, Any]:
+def _result_status(summary: dict[str, Any]) -> TrainingResult:
     """The worker's summary, reduced to what the status schema allows: whatever a worker writes, a
     status patch must not be rejected (the schema types metrics as numbers)."""
     result: dict[str, Any] = {}
@@ -315,13 +320,21 @@ def _result_status(summary: dict[str, Any]) -> dict[str, Any]:
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         }
-    return result
+    return TrainingResult.model_validate(result)
+
+
+def wire(status: ApiModel) -> dict[str, Any]:
+    """A status (or a part of one) as written to the apiserver: camelCase, and only the fields a pass
+    set, so a field left out is never written as its default."""
+    return status.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
 
 
 def desired_status(
     generation: int | None, suspended: bool, seen: Observed, previous: dict[str, Any] | None, now: datetime
 ) -> dict[str, Any]:
-    """The complete status to write for an object at ``generation`` with spec.suspend ``suspended``."""
+    """The complete status to write for an object at ``generation`` with spec.suspend ``suspended``:
+    built as the API's :class:`FineTuneJobStatus` (so a field the CRD does not have fails here, not at
+    the apiserver), returned in wire form. ``previous`` is the status as read (wire form)."""
     previous = previous or {}
     desired = desired_conditions(suspended, seen)
     ended = finished(previous) and not finished({"conditions": desired})
@@ -332,36 +345,35 @@ def desired_status(
             for c in previous.get("conditions") or []
         ]
     conditions = merge_conditions(previous.get("conditions") or [], desired, generation, now)
-    status: dict[str, Any] = {
-        "observedGeneration": generation,
+    fields: dict[str, Any] = {
+        "observed_generation": generation,
         "phase": phase_of(conditions),
-        "conditions": conditions,
+        "conditions": [Condition.model_validate(c) for c in conditions],
     }
     if seen.job is not None and not ended:
-        status["jobName"] = seen.job["metadata"]["name"]
+        fields["job_name"] = seen.job["metadata"]["name"]
         job_status = seen.job.get("status") or {}
-        if job_status.get("startTime"):
-            status["startTime"] = job_status["startTime"]
-        if job_status.get("completionTime"):
-            status["completionTime"] = job_status["completionTime"]
+        fields["start_time"] = job_status.get("startTime")
+        fields["completion_time"] = job_status.get("completionTime")
     elif ended:
-        for key in ("jobName", "startTime", "completionTime"):
-            if previous.get(key):
-                status[key] = previous[key]
+        fields["job_name"] = previous.get("jobName")
+        fields["start_time"] = previous.get("startTime")
+        fields["completion_time"] = previous.get("completionTime")
     if seen.plan is not None:
-        status["plan"] = seen.plan
+        fields["plan"] = TrainingPlanStatus.model_validate(seen.plan)
     elif previous.get("plan"):
-        status["plan"] = previous["plan"]
+        fields["plan"] = TrainingPlanStatus.model_validate(previous["plan"])
     if seen.progress is not None:
-        status["progress"] = _progress_status(seen.progress)
+        fields["progress"] = _progress_status(seen.progress)
     elif previous.get("progress"):
-        status["progress"] = previous["progress"]  # the last report outlives the worker
-    summary = result_of(seen.pods) if status["phase"] == "Succeeded" else None
+        # The last report outlives the worker.
+        fields["progress"] = TrainingProgress.model_validate(previous["progress"])
+    summary = result_of(seen.pods) if fields["phase"] == "Succeeded" else None
     if summary is not None:
-        status["result"] = _result_status(summary)
+        fields["result"] = _result_status(summary)
         final = summary.get("progress")
         if isinstance(final, dict):
-            status["progress"] = _final_progress(status.get("progress", {}), final)
+            fields["progress"] = _final_progress(fields.get("progress"), final)
     elif previous.get("result"):
-        status["result"] = previous["result"]
-    return status
+        fields["result"] = TrainingResult.model_validate(previous["result"])
+    return wire(FineTuneJobStatus(**fields))

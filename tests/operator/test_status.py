@@ -12,7 +12,8 @@ Aspects:
   Succeeded, and the end (with its result) outlives the Job;
 - whether the run is held follows the Job's spec.suspend (Kueue's, for a queued Job), and a child
   owned by someone else is reported as ChildConflict;
-- a child's fingerprint changes exactly when something the status reads from it changes.
+- a child's fingerprint changes exactly when something the status reads from it changes;
+- the status is built as the API's typed FineTuneJobStatus: a field the CRD lacks fails in the builder.
 """
 
 from __future__ import annotations
@@ -238,3 +239,23 @@ def test_child_fingerprint_ignores_what_status_does_not_read() -> None:
     assert status.child_fingerprint(job) != status.child_fingerprint(_job("SuccessCriteriaMet", suspend=True))
     assert status.child_fingerprint(_pod("Pending")) != status.child_fingerprint(_pod("Running"))
     assert status.child_fingerprint(_pod("Running")) != status.child_fingerprint(_pod("Running", exit_code=0))
+
+
+def test_status_is_built_as_the_api_model() -> None:
+    """The status goes through the API's FineTuneJobStatus: what the model reads back is what was
+    built, and a field the CRD does not have fails here rather than at the apiserver."""
+    import pytest
+    from pydantic import ValidationError
+
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+
+    report = ProgressReport(phase="training", step=3, total_steps=6, epoch=0.5, loss=1.0)
+    built = _status(Observed(job=_job(), pods=[_pod("Running")], progress=report))
+    assert (
+        FineTuneJobStatus.model_validate(built).model_dump(
+            by_alias=True, exclude_none=True, exclude_unset=True, mode="json"
+        )
+        == built
+    )
+    with pytest.raises(ValidationError, match="bogus"):
+        _status(Observed(job=None, pods=[], plan={"bogus": 1}))
