@@ -38,6 +38,30 @@ class CompareError(Exception):
     """A problem that makes the comparison impossible (bad selector, nothing matched, no cluster)."""
 
 
+#: The AdapterDeployment status fields the serving runtime fills with its measured decode latency
+#: (milliseconds per generated token): per adapter, and for the bare base model with no adapter.
+ADAPTER_MS_PER_TOKEN = "msPerToken"
+BASE_MS_PER_TOKEN = "baseMsPerToken"
+
+
+@dataclass
+class Serving:
+    """One AdapterDeployment serving a run's artifact, and the decode latency it measured."""
+
+    adapter_deployment: str
+    adapter: str
+    merged: bool
+    ms_per_token: float | None = None
+    base_ms_per_token: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Latency relative to the bare base (1.0 = no adapter overhead)."""
+        if self.ms_per_token is None or not self.base_ms_per_token:
+            return None
+        return self.ms_per_token / self.base_ms_per_token
+
+
 @dataclass
 class Run:
     """One FineTuneJob's row; numbers are ``None`` when not measured (or not yet)."""
@@ -63,7 +87,11 @@ class Run:
     retention_delta: float | None = None
     eval_data: str = ""
     manifest: str = ""
+    #: Where to find its artifact among served adapters: status.result's URI and manifest sha256.
+    artifact_uri: str = ""
+    artifact_sha256: str = ""
     loss_curve: list[dict[str, Any]] = field(default_factory=list)
+    serving: list[Serving] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -141,6 +169,8 @@ def run_from_object(obj: dict[str, Any], manifest: dict[str, Any] | None = None)
         message=f"{failed.get('reason')}: {failed.get('message')}" if failed else "",
         estimated_cost=_estimated_cost(status.get("plan") or {}),
         eval_data=f"{dataset.get('uri', '')}#evalFraction={dataset.get('evalFraction', 0.05)}",
+        artifact_uri=str(result.get("uri") or ""),
+        artifact_sha256=str(result.get("sha256") or ""),
     )
     for key in (
         "total_parameters",
@@ -170,13 +200,17 @@ def build_comparison(
     objects: list[dict[str, Any]],
     manifests: dict[str, dict[str, Any] | None] | None = None,
     notes: list[str] | None = None,
+    adapter_deployments: list[dict[str, Any]] | None = None,
 ) -> Comparison:
-    """The comparison of ``objects`` (FineTuneJobs); ``manifests`` by job name where they were read."""
+    """The comparison of ``objects`` (FineTuneJobs); ``manifests`` by job name where they were read;
+    ``adapter_deployments`` (the namespace's) give the serving latency of the runs they serve."""
     manifests = manifests or {}
     runs = sorted(
         (run_from_object(obj, manifests.get(obj["metadata"]["name"])) for obj in objects),
         key=lambda run: run.name,
     )
+    for run in runs:
+        run.serving = servings_of(run, adapter_deployments or [])
     comparison = Comparison(namespace, selector, runs, notes=list(notes or []))
     scored = [r for r in runs if r.succeeded and r.eval_loss is not None and r.eval_loss_before is not None]
     if len({r.eval_data for r in scored}) > 1:
@@ -199,6 +233,41 @@ def build_comparison(
     if gain <= 0:
         comparison.notes.append(f"the reference run {reference.name} did not lower the eval loss")
     return comparison
+
+
+def _serves(spec_adapter: dict[str, Any], adapter_status: dict[str, Any], run: Run) -> bool:
+    """Whether an AdapterDeployment's adapter is ``run``'s artifact: named by its FineTuneJob, or
+    resolved to its artifact (same manifest sha256, or same URI when no hash is recorded)."""
+    if spec_adapter.get("fineTuneJob") == run.name:
+        return True
+    sha256 = adapter_status.get("sha256") or ""
+    if sha256 and run.artifact_sha256:
+        return bool(sha256 == run.artifact_sha256)
+    source = (adapter_status.get("source") or spec_adapter.get("uri") or "").rstrip("/")
+    return bool(source) and source == run.artifact_uri.rstrip("/")
+
+
+def servings_of(run: Run, adapter_deployments: list[dict[str, Any]]) -> list[Serving]:
+    """Every adapter of ``adapter_deployments`` that serves ``run``'s artifact, with its latency."""
+    if not run.succeeded:
+        return []
+    found = []
+    for adep in sorted(adapter_deployments, key=lambda a: a["metadata"]["name"]):
+        spec, status = adep.get("spec") or {}, adep.get("status") or {}
+        statuses = {a.get("name"): a for a in status.get("adapters") or [] if isinstance(a, dict)}
+        for spec_adapter in spec.get("adapters") or []:
+            adapter_status = statuses.get(spec_adapter.get("name"), {})
+            if _serves(spec_adapter, adapter_status, run):
+                found.append(
+                    Serving(
+                        adapter_deployment=adep["metadata"]["name"],
+                        adapter=str(spec_adapter.get("name")),
+                        merged=bool(spec.get("mergeAdapter")),
+                        ms_per_token=_number(adapter_status, ADAPTER_MS_PER_TOKEN),
+                        base_ms_per_token=_number(status, BASE_MS_PER_TOKEN),
+                    )
+                )
+    return found
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -244,7 +313,26 @@ COLUMNS = (
     "eval loss",
     "quality",
     "retention Δ",
+    "latency/token vs base",
 )
+
+
+def _latency(run: Run) -> str:
+    """Per-token decode latency and its ratio to the bare base, unmerged and merged where served so;
+    "not served" when no AdapterDeployment in the namespace serves the artifact."""
+    if not run.serving:
+        return "not served"
+    cells = []
+    for merged in (False, True):
+        measured = [s for s in run.serving if s.merged == merged and s.ms_per_token is not None]
+        if not measured:
+            continue
+        best = min(measured, key=lambda s: s.ms_per_token or 0.0)
+        text = f"{best.ms_per_token:.3g} ms"
+        if best.ratio is not None:
+            text += f" ({best.ratio:.2f}x base {best.base_ms_per_token:.3g} ms)"
+        cells.append(f"merged {text}" if merged else text)
+    return "; ".join(cells) if cells else "served, not measured yet"
 
 
 def table_rows(comparison: Comparison) -> list[list[str]]:
@@ -274,6 +362,7 @@ def table_rows(comparison: Comparison) -> list[list[str]]:
                 _fixed(run.eval_loss, 4),
                 quality,
                 _fixed(run.retention_delta, 4, signed=True),
+                _latency(run),
             ]
         )  # fmt: skip
     return rows
@@ -288,6 +377,12 @@ def _footnotes(comparison: Comparison) -> list[str]:
         )
     if any(r.retention_delta is not None for r in comparison.runs):
         lines.append("retention Δ: loss change on the retention set (positive = forgetting)")
+    if any(s.ms_per_token is not None for r in comparison.runs for s in r.serving):
+        served = sorted({s.adapter_deployment for r in comparison.runs for s in r.serving})
+        lines.append(
+            "latency/token: decode time per generated token measured by the serving runtime "
+            f"(AdapterDeployment {', '.join(served)}), against the same base with no adapter"
+        )
     kinds = {r.peak_memory_kind for r in comparison.runs if r.peak_memory_kind}
     if kinds:
         lines.append(f"peak memory: {', '.join(sorted(kinds))}")
@@ -454,7 +549,15 @@ def collect(api_client: Any, namespace: str, selector: str, manifests: bool = Tr
             found[obj["metadata"]["name"]] = manifest
             if note:
                 notes.append(note)
-    return build_comparison(namespace, selector, objects, found, notes)
+    try:
+        served: Any = custom.list_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments"
+        )
+        adapter_deployments = served.get("items") or []
+    except ApiException as error:  # e.g. RBAC that lets this user read jobs only
+        adapter_deployments = []
+        notes.append(f"AdapterDeployments not readable ({_api_message(error)}): no serving latency")
+    return build_comparison(namespace, selector, objects, found, notes, adapter_deployments)
 
 
 def _api_message(error: Any) -> str:

@@ -10,7 +10,11 @@ Aspects:
 - an unfinished or failed job is a row that says its phase (and the failure reason), and the
   command exits 2;
 - JSON and markdown carry the same rows; the manifest's loss curve reaches JSON and the plot;
-- a manifest counts only when its sha256 is the one status names.
+- a manifest counts only when its sha256 is the one status names;
+- latency per token comes from the AdapterDeployments that serve a run's artifact (named by
+  FineTuneJob, or matched by manifest sha256 or URI), as a ratio to the bare base, unmerged and
+  merged; a run no AdapterDeployment serves says "not served", one served but not yet measured
+  says so.
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ def test_the_table_has_the_seed_columns_and_dashes_where_unmeasured() -> None:
     assert first.split()[:4] == ["a-lora", "lora", "(r=8)", "270"]
     assert "9.00%" in first and "800 MiB" in first and "1.05 MiB" in first and "5.4 k" in first
     assert "1m15s" in first and "1.0000" in first and "100% (ref)" in first
-    assert first.rstrip().endswith(compare.DASH)  # no retention set: no retention delta
+    cells = compare.table_rows(comparison)[0]
+    assert cells[compare.COLUMNS.index("retention Δ")] == compare.DASH  # no retention set
+    assert cells[-1] == "not served" and first.rstrip().endswith("not served")
     # ia3 reached half of lora's reduction (3.0 -> 1.5 against 3.0 -> 1.0).
     assert second.startswith("b-ia3") and " 75% " in second
     assert any("reference: the best run" in note for note in notes)
@@ -151,3 +157,77 @@ def test_a_manifest_counts_only_when_status_names_it(tmp_path: Path) -> None:
     obj["status"]["result"]["uri"] = f"file://{tmp_path}/missing"
     found, note = compare.read_manifest(obj, core=None)
     assert found is None and note and "not reachable" in note
+
+
+def adapterdeployment(
+    name: str, adapters: list[dict[str, Any]], merged: bool = False, base_ms: float | None = 10.0
+) -> dict[str, Any]:
+    """An AdapterDeployment as the API returns it; ``adapters``: spec entries plus status fields."""
+    status_keys = ("sha256", "source", compare.ADAPTER_MS_PER_TOKEN, "state")
+    status: dict[str, Any] = {
+        "adapters": [{"name": a["name"], **{k: a[k] for k in status_keys if k in a}} for a in adapters]
+    }
+    if base_ms is not None:
+        status[compare.BASE_MS_PER_TOKEN] = base_ms
+    return {
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": {
+            "model": {"uri": "pvc://data/base"},
+            "adapters": [{k: a[k] for k in ("name", "fineTuneJob", "uri") if k in a} for a in adapters],
+            "mergeAdapter": merged,
+        },
+        "status": status,
+    }
+
+
+def test_latency_per_token_against_the_bare_base_unmerged_and_merged() -> None:
+    lora, ia3 = job("a-lora", "lora", 1.0), job("b-ia3", "ia3", 1.5)
+    lora["status"]["result"]["sha256"] = "ab" * 32
+    served = [
+        # Named by its FineTuneJob.
+        adapterdeployment("multi", [{"name": "l", "fineTuneJob": "a-lora", "msPerToken": 12.5}]),
+        # The same artifact by URI with its manifest hash, served merged by another deployment.
+        adapterdeployment(
+            "fast",
+            [{"name": "m", "uri": "s3://x/y", "sha256": "ab" * 32, "msPerToken": 10.2}],
+            merged=True,
+            base_ms=10.0,
+        ),
+        # An unrelated adapter: matches neither name, hash nor URI.
+        adapterdeployment("other", [{"name": "z", "uri": "s3://x/z", "sha256": "cd" * 32}]),
+    ]
+    comparison = compare.build_comparison("ns", "s", [lora, ia3], adapter_deployments=served)
+    runs = {run.name: run for run in comparison.runs}
+    assert [(s.adapter_deployment, s.merged) for s in runs["a-lora"].serving] == [
+        ("fast", True),
+        ("multi", False),
+    ]
+    assert runs["a-lora"].serving[1].ratio == pytest.approx(1.25)
+    rows = {row[0]: row[-1] for row in compare.table_rows(comparison)}
+    assert rows["a-lora"] == "12.5 ms (1.25x base 10 ms); merged 10.2 ms (1.02x base 10 ms)"
+    assert rows["b-ia3"] == "not served"
+    assert "measured by the serving runtime (AdapterDeployment fast, multi)" in compare.render_table(
+        comparison
+    )
+    document = json.loads(compare.render_json(comparison))
+    assert document["runs"][0]["serving"][1]["ms_per_token"] == 12.5
+
+
+def test_a_served_run_without_a_measurement_says_so() -> None:
+    lora = job("a-lora", "lora", 1.0)
+    pending = adapterdeployment(
+        "multi", [{"name": "l", "uri": "pvc://data/out/a-lora/"}], base_ms=None
+    )  # matched by URI (trailing slash aside): no hash recorded on either side
+    comparison = compare.build_comparison("ns", "s", [lora], adapter_deployments=[pending])
+    assert compare.table_rows(comparison)[0][-1] == "served, not measured yet"
+    # Without the base's figure the adapter's own latency still shows, with no ratio.
+    pending["status"]["adapters"][0][compare.ADAPTER_MS_PER_TOKEN] = 7.0
+    comparison = compare.build_comparison("ns", "s", [lora], adapter_deployments=[pending])
+    assert compare.table_rows(comparison)[0][-1] == "7 ms"
+
+
+def test_an_unfinished_run_is_never_matched_to_a_server() -> None:
+    running = job("a-lora", "lora", phase="Running")
+    served = adapterdeployment("multi", [{"name": "l", "fineTuneJob": "a-lora", "msPerToken": 5.0}])
+    comparison = compare.build_comparison("ns", "s", [running], adapter_deployments=[served])
+    assert comparison.runs[0].serving == [] and compare.table_rows(comparison)[0][-1] == compare.DASH
