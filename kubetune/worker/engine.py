@@ -36,13 +36,14 @@ import torch
 import torch.distributed as torch_dist
 
 import kubetune
-from kubetune.worker import artifact, data, sources
+from kubetune.worker import artifact, data, distributed, sources
 from kubetune.worker.errors import (
     KubetuneError,
     ModelInvalid,
     ModelNotFound,
     OutOfMemory,
     OutputError,
+    PeerLost,
     PlanInvalid,
     Preempted,
     TrainingDiverged,
@@ -366,19 +367,29 @@ def evaluate(
     dist: Distributed,
     precision: Precision,
 ) -> float | None:
-    """Token-weighted mean loss (nats/token); each rank takes every world_size-th example."""
+    """Token-weighted mean loss (nats/token); each rank takes every world_size-th example.
+
+    A sharded model's forward is a collective, so there every rank runs as many batches as the rank
+    with the most, repeating one of its examples (not counted) where it has run out.
+    """
     if not examples:
         return None
     was_training = model.training
     model.eval()
     mine = sorted(examples[dist.rank :: dist.world_size], key=len)
+    starts = list(range(0, len(mine), batch_size))
+    if distributed.is_sharded(model):
+        most = math.ceil(len(examples) / dist.world_size)
+        starts += [-1] * (math.ceil(most / batch_size) - len(starts))
     loss_sum = tokens = 0.0
-    for start in range(0, len(mine), batch_size):
-        batch = collate(mine[start : start + batch_size], pad_id, dist.device)
+    for start in starts:
+        batch = collate(mine[start : start + batch_size] if start >= 0 else examples[:1], pad_id, dist.device)
         with autocast(dist.device, precision):
             output = model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
             )
+        if start < 0:
+            continue
         loss_sum += float(output.loss) * batch.label_tokens
         tokens += batch.label_tokens
     model.train(was_training)
@@ -428,19 +439,36 @@ def save_checkpoint(
     scaler: Any,
     state: dict[str, Any],
     keep: int,
+    dist: Distributed | None = None,
 ) -> Path:
-    """Write the trainable weights, optimizer and scheduler state and ``state.json``, then rename."""
+    """Write the trainable weights, optimizer and scheduler state and ``state.json``, then rename.
+
+    A replicated model is saved by rank 0 alone. A sharded one (FSDP) is saved by every rank: each
+    writes its shards of the weights and optimizer state (:func:`distributed.save_shards`), then
+    rank 0 the rest and the rename; ``state.json`` records the world size the shards belong to.
+    """
     from safetensors.torch import save_file
 
+    sharded = distributed.is_sharded(model)
+    main = dist is None or dist.is_main
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     temporary = checkpoint_dir / f"{final.name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, temporary / "trainable.safetensors")
+    if main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    if sharded:
+        assert dist is not None
+        dist.barrier()
+        distributed.save_shards(model, optimizer, temporary)
+        dist.barrier()
+        if not main:
+            return final
+    else:
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, temporary / "trainable.safetensors")
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "torch_rng": torch.get_rng_state(),
@@ -448,7 +476,10 @@ def save_checkpoint(
         },
         temporary / "optimizer.pt",
     )
-    (temporary / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+    world_size = dist.world_size if dist is not None else 1
+    (temporary / "state.json").write_text(
+        json.dumps({"step": step, "world_size": world_size, **state}, indent=2), encoding="utf-8"
+    )
     if final.exists():
         shutil.rmtree(final)
     os.rename(temporary, final)
@@ -458,27 +489,58 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    world_size: int = 1,
 ) -> dict[str, Any]:
+    """Load a checkpoint into the model and optimizer. A sharded (FSDP) checkpoint loads only into a
+    sharded model on the world size that wrote it: the data order, and with it what the next step
+    reads, depends on the world size too, so a different one would not continue the same run."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors")
-    parameters = dict(model.named_parameters())
-    missing = [n for n, p in parameters.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise ModelInvalid(f"checkpoint {path.name} lacks {missing[0]}; delete the work dir to start over")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
+    state: dict[str, Any] = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    saved_world = int(state.get("world_size") or 1)
+    sharded = (path / distributed.SHARDS_DIR).is_dir()
+    if sharded != distributed.is_sharded(model) or (sharded and saved_world != world_size):
+        raise PlanInvalid(
+            f"checkpoint {path.name} was written by {saved_world} rank(s)"
+            f"{' as FSDP shards' if sharded else ''} and this run has {world_size}: resume full "
+            f"fine-tuning with the same resources.nodes and resources.gpusPerNode, or delete "
+            f"{path.parent} to start over"
+        )
+    if saved_world != world_size:
+        logger.warning(
+            "checkpoint %s was written by %d rank(s), this run has %d: the global batch, and so the "
+            "data each remaining step reads, changes",
+            path.name,
+            saved_world,
+            world_size,
+        )
+    if sharded:
+        distributed.load_shards(model, optimizer, path)
+    else:
+        weights = load_file(path / "trainable.safetensors")
+        parameters = dict(model.named_parameters())
+        missing = [n for n, p in parameters.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise ModelInvalid(
+                f"checkpoint {path.name} lacks {missing[0]}; delete the work dir to start over"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                parameters[name].copy_(tensor)
     extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    if extra["optimizer"] is not None:
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])
     torch.set_rng_state(extra["torch_rng"])
     if extra["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    state: dict[str, Any] = json.loads((path / "state.json").read_text(encoding="utf-8"))
     return state
 
 
@@ -575,10 +637,24 @@ def train(plan: TrainingPlan) -> dict[str, Any]:
     except KubetuneError as exc:
         reporter.update(phase="failed", message=exc.termination_message())
         raise
+    except (torch_dist.DistError, RuntimeError) as exc:
+        if dist.world_size == 1 or not _peer_gone(exc):
+            raise
+        lost = PeerLost(f"another rank of the group stopped: {str(exc).splitlines()[0][:300]}")
+        reporter.update(phase="failed", message=lost.termination_message())
+        raise lost from exc
     finally:
         reporter.close()
         if dist.world_size > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (gloo and NCCL say it in words)."""
+    if isinstance(error, torch_dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe"))
 
 
 def _train(
@@ -632,6 +708,9 @@ def _train(
     model = load_model(model_dir, plan, precision, method.load_kwargs(plan.method, context))
     model = _build(model, method, plan, context, checkpointing, dist)
     total_params, trainable_params = count_parameters(model)
+    sharded = dist.world_size > 1 and method.name in distributed.SHARDED_METHODS
+    if sharded:
+        model = distributed.shard_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ModelInvalid(f"method {method.name} left no trainable parameter in {type(model).__name__}")
@@ -646,7 +725,8 @@ def _train(
     feeder = EpochFeeder(train_examples, plan, dist)
     total_steps = training.max_steps or max(1, math.ceil(training.epochs * feeder.steps_per_epoch))
     # The fused kernel updates every tensor in one pass (CPU and CUDA); the default on CPU loops in Python.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
+    # Sharded parameters (DTensors) take the default implementation.
+    fused = not sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
     optimizer = torch.optim.AdamW(
         trainable, lr=training.learning_rate, weight_decay=training.weight_decay, fused=fused or None
     )
@@ -679,7 +759,7 @@ def _train(
 
     writer = _tensorboard(work_dir / "tensorboard") if dist.is_main else None
     ddp_model: torch.nn.Module = model
-    if dist.world_size > 1:
+    if dist.world_size > 1 and not sharded:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
@@ -701,6 +781,8 @@ def _train(
             sync: AbstractContextManager[Any] = nullcontext()
             if not last and isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
                 sync = ddp_model.no_sync()  # gradients are all-reduced once per optimizer step
+            if sharded:
+                ddp_model.set_requires_gradient_sync(last)  # type: ignore[operator]
             with sync:
                 with autocast(dist.device, precision):
                     output = ddp_model(**batch.model_inputs())
@@ -776,7 +858,7 @@ def _train(
             snapshot = dict(carried)
             snapshot["train_tokens"] += dist.all_sum([window.real_tokens])[0]
             snapshot["train_seconds"] += time.monotonic() - window.started
-            if dist.is_main:
+            if dist.is_main or sharded:
                 save_checkpoint(
                     checkpoint_dir,
                     done,
@@ -786,6 +868,7 @@ def _train(
                     scaler,
                     {"fingerprint": fingerprint, "carried": snapshot},
                     training.keep_checkpoints,
+                    dist,
                 )
             dist.barrier()
             if preempted:
@@ -801,6 +884,8 @@ def _train(
             writer.add_scalar("eval/loss", eval_loss, total_steps)
         writer.close()
 
+    # Every rank takes part in gathering the sharded weights; rank 0 receives them.
+    full_state = distributed.full_state_dict(model) if sharded else None
     manifest: dict[str, Any] = {}
     if dist.is_main:
         reporter.update(phase="publishing")
@@ -846,6 +931,7 @@ def _train(
             curve,
             dropped,
             started,
+            full_state,
         )
         # The artifact supersedes the checkpoints; a restart now finds the artifact and stops early.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -905,7 +991,7 @@ def _resume(
         chosen = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}" if step else None
     if chosen is None:
         return 0, {}
-    state = load_checkpoint(chosen, model, optimizer, scheduler, scaler)
+    state = load_checkpoint(chosen, model, optimizer, scheduler, scaler, dist.world_size)
     return step, dict(state.get("carried", {}))
 
 
@@ -931,11 +1017,16 @@ def _publish(
     loss_curve: list[dict[str, Any]],
     dropped: int,
     started: float,
+    full_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     staging = artifact.staging_dir(final) if final is not None else work_dir / "staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    method.save(model, staging)
+    if full_state is not None:
+        # A sharded model (full fine-tuning under FSDP) is written from its gathered state.
+        model.save_pretrained(staging, state_dict=full_state, safe_serialization=True)  # type: ignore[operator]
+    else:
+        method.save(model, staging)
     tokenizer.save_pretrained(staging)
     events = work_dir / "tensorboard"
     if events.is_dir():
