@@ -36,3 +36,20 @@ class OperatorConfig:
     progress_timeout_s: float = 1.0
     #: The planner's GPU table, utilisation and prices (docs/planner.md).
     planner: PlannerSettings = field(default_factory=PlannerSettings)
+    #: How replicas share the work (kopf peering); ``None``: standalone, one replica only.
+    peering: PeeringConfig | None = None
+
+
+@dataclass(frozen=True)
+class PeeringConfig:
+    """kopf peering between operator replicas: the one with the highest priority works, the others
+    pause while its keep-alive record in the peering object is fresh (docs/operator.md, "Replicas")."""
+
+    #: The KopfPeering (namespaced operator) or ClusterKopfPeering (cluster-wide) object's name.
+    name: str
+    #: Unique per replica: equal priorities pause every replica (kopf's guard against a tie).
+    priority: int
+    #: Seconds a replica's record counts as alive. A replica killed without a goodbye (SIGKILL, a
+    #: lost node) is taken over only once its record expires, so this bounds the hand-over time;
+    #: each replica renews its record 5-10 s before that (one PATCH per renewal).
+    lifetime_s: int = 20

@@ -93,6 +93,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
     if "config" not in memo:
         memo["config"] = OperatorConfig()
+    operator_config: OperatorConfig = memo["config"]
+    peering = operator_config.peering
+    # Replicas: with a peering object, the replica of the highest priority works and the others
+    # pause; while the peering object is missing, every replica waits for it rather than run unpeered
+    # (mandatory). Without one, standalone: kopf would otherwise look for a peering named "default".
+    if peering is None:
+        settings.peering.standalone = True
+    else:
+        settings.peering.standalone = False
+        settings.peering.mandatory = True
+        settings.peering.name = peering.name
+        settings.peering.priority = peering.priority
+        settings.peering.lifetime = peering.lifetime_s
+        # A keep-alive every 10-15 s is routine; not logged even with -v (pauses and resumes are).
+        settings.peering.stealth = True
     if "api_client" not in memo:
         from kubernetes import config
 
@@ -107,6 +122,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo["settings"] = settings
     # What FineTuneJob passes read and reconciled: lets their triggers skip events that change nothing.
     memo.setdefault("passes", PassMemory())
+
+
+def _typed_errors(attempt: Callable[[], object]) -> None:
+    """Run a pass in a handler that kopf retries (a timer), raising kopf's typed errors: a transient
+    apiserver failure is a ``TemporaryError`` with the apiserver's Retry-After (logged in one line, no
+    traceback, retried after that delay). Anything else propagates, and kopf retries it after
+    ``settings.execution.default_backoff``. No failure is a ``PermanentError``: a pass raises only on
+    API failures, never on a bad spec (that is a condition), and a later attempt may well work (an
+    RBAC fix, a webhook back)."""
+    try:
+        attempt()
+    except Exception as error:
+        delay = kube.transient_delay(error)
+        if delay is None:
+            raise
+        raise kopf.TemporaryError(f"the apiserver failed transiently: {error}", delay=delay) from error
 
 
 def _retrying(attempt: Callable[[], object], what: str) -> None:
@@ -216,7 +247,7 @@ def _training(status: kopf.Status, **_: Any) -> bool:
 
 @kopf.timer(*FTJ, interval=PROGRESS_INTERVAL_S, sharp=False, when=_training)
 def finetunejob_progress(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+    _typed_errors(lambda: _reconcile(memo, namespace, name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})

@@ -211,6 +211,32 @@ def write_status(custom: Any, plural: str, obj: dict[str, Any], desired: dict[st
     return True
 
 
+# -- errors ----------------------------------------------------------------------------------------
+
+#: Seconds before a pass that failed on a transient apiserver error is retried, when the apiserver
+#: does not say (a 429 or 503 carries its own Retry-After).
+TRANSIENT_RETRY_S = 5.0
+#: Answers another attempt may not get: conflicts, throttling, and the apiserver's own troubles.
+_TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+
+
+def transient_delay(error: BaseException) -> float | None:
+    """Seconds to wait before trying again when ``error`` is a transient apiserver failure (it was
+    unreachable, throttled us, or is restarting), else None: retrying the same request would fail
+    the same way."""
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(error, ApiException):
+        if error.status not in _TRANSIENT_STATUSES and error.status != 0:
+            return None
+        retry_after = (error.headers or {}).get("Retry-After", "")
+        return float(retry_after) if retry_after.isdigit() else TRANSIENT_RETRY_S
+    if isinstance(error, HTTPError | ConnectionError | TimeoutError):
+        return TRANSIENT_RETRY_S
+    return None
+
+
 # -- per-object serialisation ------------------------------------------------------------------------
 
 _locks: dict[tuple[str, str, str], threading.Lock] = {}

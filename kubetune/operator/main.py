@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from kubetune.planner import compute
 
 if TYPE_CHECKING:
-    from kubetune.operator.config import WorkerSettings
+    from kubetune.operator.config import PeeringConfig, WorkerSettings
     from kubetune.operator.planning import PlannerSettings
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
@@ -82,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="kopf peering priority (the highest runs, the others wait); default with --peering: random, "
         "so that replicas never tie (a tie freezes them all)",
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a replica's peering record counts as alive: a replica killed without notice is "
+        "taken over after at most this long; default: 20",
     )
     parser.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL ('' disables)"
@@ -158,16 +166,33 @@ def run(args: argparse.Namespace) -> int:
         import prometheus_client
 
         prometheus_client.start_http_server(args.metrics_port)
-    priority = args.priority
-    if priority is None and args.peering is not None:
-        priority = random.randint(1, 32767)
+    config = OperatorConfig(
+        worker=worker_settings(args), planner=planner_settings(args), peering=peering_config(args)
+    )
+    # Peering and every other kopf setting are applied in the startup handler (handlers.configure).
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        priority=priority,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(config=OperatorConfig(worker=worker_settings(args), planner=planner_settings(args))),
+        memo=kopf.Memo(config=config),
     )
     return 0
+
+
+def peering_config(args: argparse.Namespace) -> PeeringConfig | None:
+    """Peering from the command line; None runs standalone."""
+    from kubetune.operator.config import PeeringConfig
+
+    if args.peering is None:
+        if args.priority is not None or args.peering_lifetime is not None:
+            raise SystemExit("--priority and --peering-lifetime need --peering")
+        return None
+    if args.peering_lifetime is not None and args.peering_lifetime < 5:
+        # kopf renews a record 5-10 s before it expires: a shorter life would lapse between renewals.
+        raise SystemExit(f"--peering-lifetime must be at least 5 seconds, got {args.peering_lifetime}")
+    return PeeringConfig(
+        name=args.peering,
+        # Random by default, so that replicas never tie (a tie pauses them all).
+        priority=random.randint(1, 32767) if args.priority is None else args.priority,
+        **({} if args.peering_lifetime is None else {"lifetime_s": args.peering_lifetime}),
+    )

@@ -9,7 +9,8 @@ Aspects:
 - the ClusterRole grants exactly what the operator calls (least privilege), including
   ``*/finalizers`` update for blockOwnerDeletion;
 - options: namespaced RBAC (a Role per watched namespace plus a read-only ClusterRole for kopf),
-  a ServiceMonitor only when enabled, a PodDisruptionBudget and peering objects with replicas > 1,
+  a ServiceMonitor only when enabled, a PodDisruptionBudget and peering objects with replicas > 1
+  (kopf's peering CRDs in crds/, each replica's record named after its pod),
   worker and server ServiceAccounts without a token in the watched namespaces;
 - values.schema.json rejects bad values and unknown keys; combinations it cannot express fail
   rendering with a message;
@@ -304,6 +305,24 @@ def test_replicas_bring_a_disruption_budget_and_peering(helm: Path) -> None:
     objects = render(helm, *ALL_OPTIONS["replicas-2"], *ALL_OPTIONS["namespaced-rbac"])
     assert sorted(p["metadata"]["namespace"] for p in by_kind(objects, "KopfPeering")) == ["team-a", "team-b"]
     assert all(("kopf.dev", "kopfpeerings") in grants(role["rules"]) for role in by_kind(objects, "Role"))
+    # Each replica's record in the peering object is named after its pod.
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "POD_ID" not in {e["name"] for e in operator_container(render(helm))["env"]}
+
+
+def test_chart_installs_the_peering_crds(helm: Path) -> None:
+    """kopf does not install its peering CRDs; the chart's crds/ carries both, with the status the
+    replicas write their records into."""
+    proc = _helm(helm, "show", "crds", str(CHART))
+    assert proc.returncode == 0, proc.stderr
+    crds = {obj["metadata"]["name"]: obj for obj in yaml.safe_load_all(proc.stdout) if obj}
+    for name, scope in (("kopfpeerings.kopf.dev", "Namespaced"), ("clusterkopfpeerings.kopf.dev", "Cluster")):
+        spec = crds[name]["spec"]
+        assert spec["scope"] == scope
+        (version,) = spec["versions"]
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ Aspects:
 - a child is ours only when its controller ownerReference carries our uid: another uid, no
   controller, or a mere (non-controller) reference is a conflict with a message naming both;
 - the applied-manifest hash ignores key order and its own annotation, so a stamped child is current
-  for the manifest it came from and stale for any other.
+  for the manifest it came from and stale for any other;
+- a failed request is transient (a delay, the apiserver's Retry-After when it gives one) only when
+  another attempt may succeed: unreachable, throttled, conflicting, or a 5xx.
 """
 
 from __future__ import annotations
@@ -44,3 +46,20 @@ def test_applied_hash_marks_what_was_applied() -> None:
     assert not kube.is_current(existing, {**desired, "data": {"k": "w"}})
     assert not kube.is_current(None, desired)
     assert "annotations" not in desired["metadata"]  # stamping copies
+
+
+def test_transient_failures_get_a_delay_others_none() -> None:
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import MaxRetryError
+
+    throttled = ApiException(status=429)
+    throttled.headers = {"Retry-After": "7"}
+    assert kube.transient_delay(throttled) == 7.0
+    assert kube.transient_delay(ApiException(status=503)) == kube.TRANSIENT_RETRY_S
+    assert kube.transient_delay(ApiException(status=409)) == kube.TRANSIENT_RETRY_S
+    assert kube.transient_delay(MaxRetryError(None, "/", "connection refused")) == kube.TRANSIENT_RETRY_S
+    assert kube.transient_delay(ConnectionRefusedError()) == kube.TRANSIENT_RETRY_S
+    # Retrying the same request cannot fix these.
+    assert kube.transient_delay(ApiException(status=403)) is None
+    assert kube.transient_delay(ApiException(status=422)) is None
+    assert kube.transient_delay(ValueError("a bug")) is None
