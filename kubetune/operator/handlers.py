@@ -31,7 +31,7 @@ from typing import Any
 import kopf
 
 from kubetune.api import v1alpha1
-from kubetune.operator import kube, logs, metrics
+from kubetune.operator import kube, logs, metrics, serving
 from kubetune.operator import status as ftj_status
 from kubetune.operator.builders import LABEL_FINETUNEJOB, LABEL_MANAGED_BY
 from kubetune.operator.config import OperatorConfig
@@ -39,7 +39,7 @@ from kubetune.operator.reconcile import KIND, PLURAL, PassMemory, SpecKey, recon
 from kubetune.operator.serving import LABEL_ADAPTERDEPLOYMENT
 from kubetune.operator.serving_reconcile import KIND as ADEP_KIND
 from kubetune.operator.serving_reconcile import PLURAL as ADEP_PLURAL
-from kubetune.operator.serving_reconcile import reconcile_adapterdeployment
+from kubetune.operator.serving_reconcile import POLLS, reconcile_adapterdeployment
 
 logger = logging.getLogger("kubetune.operator")
 
@@ -282,10 +282,10 @@ async def worker_changed(
 # -- AdapterDeployment -------------------------------------------------------------------------------
 
 
-def _reconcile_serving(memo: Any, namespace: str | None, name: str) -> None:
+def _reconcile_serving(memo: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
     assert namespace is not None, "AdapterDeployments are namespaced"
     with logs.about(ADEP_KIND, namespace, name), metrics.reconcile_pass(ADEP_KIND):
-        reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
+        return reconcile_adapterdeployment(memo["api_client"], namespace, name, memo["config"])
 
 
 @kopf.index(*ADEP)
@@ -306,25 +306,34 @@ def adapterdeployment_changed(memo: Any, namespace: str | None, name: str, **_: 
 
 
 def _converging(status: kopf.Status, **_: Any) -> bool:
-    """Ready pods that do not yet serve every adapter: loads run in the background and can fail
-    for a while (an artifact still being published), with no event to wake a pass when they are
-    done, so these objects are looked at again until they converge. Ready ones cost nothing."""
-    return bool(status.get("readyReplicas")) and status.get("phase") != "Ready"
+    """Ready pods still loading an adapter, or retrying one a retry may fix, or a canary stepping:
+    these change with no event to wake a pass (:func:`kubetune.operator.serving.needs_polling`).
+    Ready, idle and permanently failed objects have no timer at all."""
+    return serving.needs_polling(dict(status))
 
 
 @kopf.timer(*ADEP, interval=SERVING_CONVERGE_INTERVAL_S, sharp=False, when=_converging)
-def adapterdeployment_converge(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    _reconcile_serving(memo, namespace, name)
+def adapterdeployment_converge(memo: Any, namespace: str | None, name: str, uid: str, **_: Any) -> None:
+    # The timer ticks every SERVING_CONVERGE_INTERVAL_S; a pass runs only when the object's poll is
+    # due, which backs off while passes find nothing new (serving_reconcile.PollSchedule).
+    if not POLLS.due(uid):
+        return
+    status = None
+    try:
+        status = _reconcile_serving(memo, namespace, name)
+    finally:
+        POLLS.passed(uid, status)
 
 
 @kopf.on.event(*ADEP)
 async def adapterdeployment_event(
-    namespace: str | None, name: str, status: kopf.Status, type: str, **_: Any
+    namespace: str | None, name: str, status: kopf.Status, type: str, uid: str, **_: Any
 ) -> None:
     phase = None if type == "DELETED" else status.get("phase", "Pending")
     metrics.record_phase(ADEP_KIND, namespace or "", name, phase)
     if type == "DELETED":
         kube.forget(ADEP_PLURAL, namespace or "", name)
+        POLLS.forget(uid)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_ADAPTERDEPLOYMENT: kopf.PRESENT})

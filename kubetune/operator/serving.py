@@ -688,15 +688,24 @@ def adapter_statuses(resolved: list[AdapterResolution], reports: list[PodReport]
     return out
 
 
-def adapter_events(previous: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[events.Transition]:
+def adapter_events(
+    previous: list[dict[str, Any]], current: list[dict[str, Any]], *, failures_in_condition: bool = False
+) -> list[events.Transition]:
     """Events (type, reason, message) for adapters whose state changed into or out of Failed since
     the last status: a Warning when one fails (or fails for another reason, or its source changed),
-    a Normal event when a failed one loads."""
+    a Normal event when a failed one loads.
+
+    ``failures_in_condition``: the same status write turns Degraded to AdapterFailed, whose own
+    Event (one per condition transition) names every failed adapter with its reason and message;
+    the failures are then left out here, so that one failure is one Event.
+    """
     before = {a.get("name"): a for a in previous}
     out = []
     for adapter in current:
         old = before.get(adapter["name"]) or {}
         was_failed = old.get("state") == "Failed"
+        if adapter["state"] == "Failed" and failures_in_condition:
+            continue
         if adapter["state"] == "Failed":
             same = was_failed and (old.get("reason"), old.get("source")) == (
                 adapter["reason"],
@@ -795,11 +804,57 @@ def conditions_for(
     ]
 
 
+#: Adapter failures that no retry fixes; only a change does (the spec, the FineTuneJob's artifact, a
+#: new pod), and each of those wakes a pass with its own event. The others (DownloadFailed,
+#: MissingFiles while an artifact is being published, LoadError) may clear on a pod's own retry.
+PERMANENT_FAILURES = frozenset(
+    {
+        "Unsupported",
+        "InvalidName",
+        "InvalidUri",
+        "PathOutsideRoots",
+        "HashMismatch",
+        "BaseModelMismatch",
+        "UnsupportedArtifact",
+    }
+)
+#: Seconds from a pass that changed an object's status to the next poll, and the most between two
+#: polls that keep finding nothing new.
+POLL_FIRST_S, POLL_MAX_S = 5.0, 300.0
+
+
+def needs_polling(status: dict[str, Any]) -> bool:
+    """Whether an AdapterDeployment can change with no Kubernetes event to say so: a ready pod still
+    loading an adapter, or retrying one that failed for a reason a retry may clear, or a canary
+    whose step waits on the pods' counters. Ready, idle and permanently failed objects are not
+    polled (anything else that changes them is an event: the spec, a pod, a FineTuneJob)."""
+    if not status.get("readyReplicas") or status.get("phase") in ("Ready", "Failed"):
+        return False
+    if any(c.get("state") == "Progressing" for c in status.get("canaries") or []):
+        return True
+    return any(
+        a.get("state") == "Loading"
+        or (a.get("state") == "Failed" and a.get("reason") not in PERMANENT_FAILURES)
+        for a in status.get("adapters") or []
+    )
+
+
+def next_poll_delay(previous_s: float | None, changed: bool, status: dict[str, Any]) -> float:
+    """Seconds until the next poll: :data:`POLL_FIRST_S` after a pass that changed the status (or
+    while a canary steps, whose step timing is the user's), doubling after each pass that changed
+    nothing, at most :data:`POLL_MAX_S`."""
+    if changed or previous_s is None:
+        return POLL_FIRST_S
+    if any(c.get("state") == "Progressing" for c in status.get("canaries") or []):
+        return POLL_FIRST_S
+    return min(POLL_MAX_S, 2 * previous_s)
+
+
 def phase_for(conditions: list[dict[str, Any]]) -> str:
     true = {c["type"] for c in conditions if c["status"] == "True"}
     if "Degraded" in true:
         return "Degraded"
-    # A canary in progress keeps the object Progressing: the converge timer, which reads the phase,
+    # A canary in progress keeps the object Progressing: the converge timer (see needs_polling)
     # then keeps stepping it (its counters move without any Kubernetes event).
     if "Ready" in true and "Canary" not in true:
         return "Ready"

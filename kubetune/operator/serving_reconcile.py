@@ -175,6 +175,38 @@ class Backoff:
 VLLM_BACKOFF = Backoff()
 
 
+class PollSchedule:
+    """When the converge timer's next pass over each AdapterDeployment (by uid) is due, following
+    :func:`~kubetune.operator.serving.next_poll_delay`: a tick before that costs no API call. In
+    memory: a restarted operator polls once at once."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, tuple[str, float, float]] = {}  # uid -> (status seen, delay s, due at)
+        self._lock = threading.Lock()
+
+    def due(self, uid: str, now: float | None = None) -> bool:
+        with self._lock:
+            entry = self._due.get(uid)
+        return entry is None or (time.monotonic() if now is None else now) >= entry[2]
+
+    def passed(self, uid: str, status: dict[str, Any] | None, now: float | None = None) -> float:
+        """Record a pass's status (None: the pass failed); returns the seconds until the next one."""
+        seen = json.dumps(status, sort_keys=True, default=str)
+        with self._lock:
+            previous = self._due.get(uid)
+            changed = previous is None or previous[0] != seen
+            delay = serving.next_poll_delay(previous[1] if previous else None, changed, status or {})
+            self._due[uid] = (seen, delay, (time.monotonic() if now is None else now) + delay)
+        return delay
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._due.pop(uid, None)
+
+
+POLLS = PollSchedule()
+
+
 def sync_vllm_pod(
     pod: tuple[str, str],
     pod_ip: str,
@@ -266,9 +298,17 @@ def _failed(obj: dict[str, Any], adep: AdapterDeployment, reason: str, message: 
 def _write_status(custom: Any, obj: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
     """Write the status when it changed (an Event per condition transition comes with it), and an
     Event per adapter that failed or recovered."""
+    previous = obj.get("status") or {}
     if kube.write_status(custom, PLURAL, obj, desired):
-        previous = (obj.get("status") or {}).get("adapters") or []
-        events.post(obj, serving.adapter_events(previous, desired.get("adapters") or []))
+        conditions = events.transitions(previous.get("conditions") or [], desired.get("conditions") or [])
+        events.post(
+            obj,
+            serving.adapter_events(
+                previous.get("adapters") or [],
+                desired.get("adapters") or [],
+                failures_in_condition=any(t.reason == "AdapterFailed" for t in conditions),
+            ),
+        )
     return desired
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.v1alpha1 import AdapterDeployment
-from kubetune.operator import serving
+from kubetune.operator import events, serving
 from kubetune.operator.builders import WorkerSettings
 from kubetune.worker.serving_plan import ServingPlan
 from tests.api.cases import adapterdeployment
@@ -220,6 +220,26 @@ def test_events_on_adapter_failure_transitions() -> None:
     ]
     assert kinds([adapter("Failed", "X")], [adapter("Loaded")]) == [("Normal", "AdapterLoaded")]
     assert kinds([adapter("Loading")], [adapter("Loaded")]) == []
+
+
+def test_a_first_failure_is_one_event() -> None:
+    """The write that turns Degraded to AdapterFailed posts that condition's Event, which names the
+    adapter: the adapter's own Event would be a second one for the same failure."""
+    healthy = _adep()
+    first = [{"name": "a", "source": "s3://a", "state": "Failed", "reason": "HashMismatch", "message": "m"}]
+    before = serving.conditions_for(healthy, 1, [{**first[0], "state": "Loaded", "reason": ""}])
+    after = serving.conditions_for(healthy, 1, first)
+    condition_events = [e for e in events.transitions(before, after) if e.type == "Warning"]
+    assert [e.reason for e in condition_events] == ["AdapterFailed"]
+    assert "a: HashMismatch: m" in condition_events[0].message
+    covered = any(e.reason == "AdapterFailed" for e in condition_events)
+    assert serving.adapter_events([], first, failures_in_condition=covered) == []
+    # A second adapter failing while Degraded already says AdapterFailed: no condition transition,
+    # so its own Event is the one.
+    second = [*first, {**first[0], "name": "b", "reason": "MissingFiles"}]
+    again = events.transitions(after, serving.conditions_for(healthy, 1, second))
+    assert not any(e.reason == "AdapterFailed" for e in again)
+    assert [e.reason for e in serving.adapter_events(first, second)] == ["AdapterFailed"]
 
 
 def _vllm(adapters: list[dict[str, Any]], **spec: Any) -> AdapterDeployment:
@@ -467,3 +487,43 @@ def test_canary_condition_keeps_the_object_progressing() -> None:
     conditions = {c["type"]: c for c in serving.conditions_for(adep, 1, adapters, canaries=back)}
     assert (conditions["Canary"]["status"], conditions["Canary"]["reason"]) == ("False", "CanaryRolledBack")
     assert serving.phase_for(list(conditions.values())) == "Ready"
+
+
+def test_polling_only_what_can_change_without_an_event() -> None:
+    def status(*adapters: tuple[str, str], phase: str = "Degraded", ready: int = 1, **extra: Any) -> Any:
+        listed = [{"name": f"a{i}", "state": s, "reason": r} for i, (s, r) in enumerate(adapters)]
+        return {"readyReplicas": ready, "phase": phase, "adapters": listed, **extra}
+
+    assert serving.needs_polling(status(("Loading", ""), phase="Progressing"))
+    assert serving.needs_polling(status(("Loaded", ""), ("Failed", "DownloadFailed")))
+    # Permanently failed, converged, idle (no ready pod: pod events wake it) or Failed: no timer.
+    assert not serving.needs_polling(status(("Loaded", ""), ("Failed", "HashMismatch")))
+    assert not serving.needs_polling(status(("Failed", "Unsupported")))
+    assert not serving.needs_polling(status(("Loaded", ""), phase="Ready"))
+    assert not serving.needs_polling(status(("Loading", ""), ready=0))
+    assert not serving.needs_polling({"phase": "Failed"})
+    # A canary's step waits on the pods' counters.
+    stepping = status(("Loaded", ""), phase="Progressing", canaries=[{"state": "Progressing"}])
+    assert serving.needs_polling(stepping)
+    done = status(("Loaded", ""), phase="Ready", canaries=[{"state": "Promoted"}])
+    assert not serving.needs_polling(done)
+
+
+def test_polls_back_off_while_nothing_changes() -> None:
+    from kubetune.operator.serving_reconcile import PollSchedule
+
+    polls = PollSchedule()
+    loading = {"phase": "Progressing", "adapters": [{"name": "a", "state": "Failed", "reason": "LoadError"}]}
+    assert polls.due("u", now=0)
+    delays = [polls.passed("u", loading, now=0) for _ in range(9)]
+    assert delays == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert not polls.due("u", now=299) and polls.due("u", now=300)
+    # A pass that changes the status starts again at 5 s; so does a failed pass after a good one.
+    assert polls.passed("u", {**loading, "phase": "Degraded"}, now=0) == 5
+    assert polls.passed("u", None, now=0) == 5
+    assert polls.passed("u", None, now=0) == 10
+    # A stepping canary is polled at the first interval.
+    stepping = {**loading, "canaries": [{"state": "Progressing"}]}
+    assert [polls.passed("c", stepping, now=0) for _ in range(3)] == [5, 5, 5]
+    polls.forget("u")
+    assert polls.due("u", now=0)
