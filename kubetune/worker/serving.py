@@ -221,18 +221,19 @@ def _inside(path: Path, root: Path) -> bool:
 class StackedLora:
     """Every loaded LoRA adapter of the shared PEFT model, stacked per layer for mixed batches.
 
-    For each LoRA layer, ``A`` is ``[adapters + 1, r_max, in]`` and ``B`` ``[adapters + 1, out,
-    r_max]`` with the scaling folded into ``B``; index 0 (the base) and adapters that skip a layer are
-    zeros, smaller ranks are zero-padded. A mixed batch then runs the LoRA layers with the adapters
-    switched off and a forward hook adds ``B[row] @ A[row] @ x`` with two batched matmuls per layer,
-    where PEFT's ``adapter_names`` path loops over the adapters in Python (about 3x slower with 8
-    adapters on a small model). Costs one more copy of the adapters' LoRA weights.
+    For each LoRA layer, ``A`` is ``[adapters + 1, r_max, in]``, ``B`` ``[adapters + 1, out, r_max]``
+    and ``scale`` ``[adapters + 1]``; index 0 (the base) and adapters that skip a layer are zeros,
+    smaller ranks are zero-padded. A mixed batch then runs the LoRA layers with the adapters switched
+    off and a forward hook adds ``scale[row] * B[row] @ A[row] @ x`` with two batched matmuls per
+    layer, where PEFT's ``adapter_names`` path loops over the adapters in Python (about 3x slower with
+    8 adapters on a small model). The stacks hold the only copy of the weights: each adapter's PEFT
+    ``lora_A``/``lora_B`` weights become views into them, so stacking costs no memory.
 
     :meth:`build` returns None when some adapter needs PEFT's own path (a LoRA variant such as DoRA,
     a LoRA bias, ``modules_to_save``, non-Linear target layers).
     """
 
-    def __init__(self, names: list[str], stacks: dict[Any, tuple[Any, Any]]) -> None:
+    def __init__(self, names: list[str], stacks: dict[Any, tuple[Any, Any, Any]]) -> None:
         self.index = {name: i + 1 for i, name in enumerate(names)}
         self.stacks = stacks
 
@@ -244,7 +245,7 @@ class StackedLora:
         for name in names:
             if getattr(host.peft_config[name], "modules_to_save", None):
                 return None
-        stacks: dict[Any, tuple[Any, Any]] = {}
+        stacks: dict[Any, tuple[Any, Any, Any]] = {}
         for candidate in host.modules():
             if not isinstance(candidate, LoraLayer):
                 continue
@@ -267,15 +268,23 @@ class StackedLora:
             rank = max(module.lora_A[n].weight.shape[0] for n in present)
             fan_in = first.shape[1]
             fan_out = module.lora_B[present[0]].weight.shape[0]
-            a = torch.zeros(len(names) + 1, rank, fan_in, dtype=first.dtype, device=first.device)
-            b = torch.zeros(len(names) + 1, fan_out, rank, dtype=first.dtype, device=first.device)
-            for i, name in enumerate(names, start=1):
-                if name in present:
-                    weight_a = module.lora_A[name].weight.detach()
-                    a[i, : weight_a.shape[0]] = weight_a
-                    weight_b = module.lora_B[name].weight.detach() * module.scaling[name]
-                    b[i, :, : weight_b.shape[1]] = weight_b
-            stacks[module] = (a, b.transpose(1, 2).contiguous())  # B stored as [adapters, r, out]
+            # Normal tensors even when built during generation: the adapters' weights will be views
+            # of them, and PEFT sets requires_grad on those, which inference tensors refuse.
+            with torch.inference_mode(False), torch.no_grad():
+                a = torch.zeros(len(names) + 1, rank, fan_in, dtype=first.dtype, device=first.device)
+                b = torch.zeros(len(names) + 1, fan_out, rank, dtype=first.dtype, device=first.device)
+                scale = torch.zeros(len(names) + 1, dtype=first.dtype, device=first.device)
+                for i, name in enumerate(names, start=1):
+                    if name not in present:
+                        continue
+                    weight_a, weight_b = module.lora_A[name].weight, module.lora_B[name].weight
+                    r = weight_a.shape[0]
+                    a[i, :r] = weight_a
+                    b[i, :, :r] = weight_b
+                    scale[i] = module.scaling[name]
+                    # The adapter's own weights become views of its rows: one copy in memory.
+                    weight_a.data, weight_b.data = a[i, :r], b[i, :, :r]
+            stacks[module] = (a, b, scale)
         return cls(names, stacks)
 
     @contextlib.contextmanager
@@ -289,9 +298,10 @@ class StackedLora:
         def add_lora(module: Any, args: tuple[Any, ...], output: Any) -> Any:
             x = args[0]
             # Gathered per call, not kept: for a large model the rows' copies would take gigabytes.
-            a, b = self.stacks[module]
-            a_rows, b_rows = a[index].transpose(1, 2), b[index]
+            a, b, scale = self.stacks[module]
+            a_rows, b_rows = a[index].transpose(1, 2), b[index].transpose(1, 2)
             shrunk = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype), a_rows)
+            shrunk = shrunk * scale[index][:, None, None]
             delta = torch.bmm(shrunk, b_rows).reshape(*output.shape)
             return output + delta.to(output.dtype)
 

@@ -152,3 +152,24 @@ def test_unloaded_hooks_leave_the_base_alone(more_artifacts: dict[str, Path]) ->
     torch.testing.assert_close(_logits(server.base, server.tokenizer), bare, rtol=0, atol=0)
     expected = direct(None, more_artifacts["base"], PROMPT, 8)
     assert asyncio.run(_greedy(server, [server.base_name], 8)) == [expected]
+
+
+def test_stacked_lora_weights_are_the_adapters_own(more_artifacts: dict[str, Path]) -> None:
+    """A mixed LoRA batch stacks the adapters' weights; the adapters' PEFT weights become views of the
+    stacks, so stacking holds no second copy, and later loads (which set requires_grad on them) work."""
+    from kubetune.worker.serving import ModelServer
+
+    server = ModelServer(more_artifacts["base"], adapter_roots=[more_artifacts["root"]])
+    for name in ("lora-a", "lora-b"):
+        server.load_adapter(name, more_artifacts[name])
+    alone = [asyncio.run(_greedy(server, [name], 6))[0] for name in ("lora-a", "lora-b")]
+    assert asyncio.run(_greedy(server, ["lora-a", "lora-b"], 6)) == alone
+    stacked = server._stacked_lora()
+    assert stacked is not None and stacked.stacks
+    for module, (a, b, _) in stacked.stacks.items():
+        for name in ("lora-a", "lora-b"):
+            assert module.lora_A[name].weight.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+            assert module.lora_B[name].weight.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    server.load_adapter("ia3", more_artifacts["ia3"])
+    server.load_adapter("lora-c", more_artifacts["lora-a"])
+    assert asyncio.run(_greedy(server, ["lora-a", "lora-b", "lora-c"], 6)) == [*alone, alone[0]]
