@@ -246,7 +246,7 @@ def worker_job(job: FineTuneJob, settings: WorkerSettings) -> dict[str, Any]:
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": ignored_exit_codes,
+                        "values": sorted(ignored_exit_codes),  # the apiserver wants them ascending
                     },
                 },
                 # A bad dataset or a missing model fails the same way every time: stop at once.

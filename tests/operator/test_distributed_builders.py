@@ -115,7 +115,7 @@ def test_queue_labels_and_priority_class_reach_the_job_and_pods() -> None:
 def test_a_rank_that_lost_its_peer_does_not_count_against_backoff() -> None:
     rules = builders.worker_job(_job(), builders.WorkerSettings())["spec"]["podFailurePolicy"]["rules"]
     ignored = [r["onExitCodes"]["values"] for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
-    assert ignored == [[143, PeerLost.exit_code]]
+    assert ignored == [[PeerLost.exit_code, 143]]  # ascending, as the apiserver requires
     single = builders.worker_job(_job(nodes=1), builders.WorkerSettings())["spec"]["podFailurePolicy"]
     assert PeerLost.exit_code not in [
         code
