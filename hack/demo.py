@@ -2,18 +2,20 @@
 
 1. starts a local Kubernetes (etcd, apiserver, controller-manager, scheduler, a node agent that
    runs every pod as a real container with podman);
-2. installs the CRDs and the operator with the Helm chart, from the images `make images` built
-   (the operator, the workers and the server each run as a container of those images);
+2. installs the CRDs, then the operator with the Helm chart from the images `make images` built
+   (the operator, the workers and the server each run as a container of those images), in the
+   background while the data is put in place;
 3. puts a small Llama-architecture base model and a task on a PersistentVolumeClaim. The base was
    pretrained (here, once, then cached) on a letter cipher where ``encode`` usually shifts each
    letter by two; the task asks for a shift by one. Fine-tuning does what it does for real models:
    it steers a skill the base has toward what this data wants;
-4. applies a LoRA and a bottleneck-adapter FineTuneJob labelled as one comparison and follows
-   both from status, one line per job;
-5. prints ``kubetune compare``'s table for them and writes its plot;
-6. serves both adapters from one AdapterDeployment, asks the base and each adapter the same
-   questions over the OpenAI-compatible API, and checks every adapter answer (exit status 1 if one
-   is wrong);
+4. applies a LoRA and a bottleneck-adapter FineTuneJob labelled as one comparison, and the
+   AdapterDeployment that will serve both (its server loads the base while they train; the
+   operator hot-loads each adapter when its job succeeds), and follows them, one line each;
+5. asks the base and each adapter the same questions over the OpenAI-compatible API, and checks
+   every adapter answer (exit status 1 if one is wrong);
+6. prints ``kubetune compare``'s table for the two runs (with the serving latency, once measured)
+   and writes its plot;
 7. stops the cluster (``--keep`` leaves it running until Ctrl-C) and says what is left to clean up.
 
 Nothing is downloaded: the model is built from a config and its data is generated.
@@ -27,6 +29,8 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +75,36 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
 }
 
 
+class Timeline:
+    """Seconds since the demo started at each named moment, printed at the end: where a run's time
+    went (cluster start, operator, each job's phases, serving), so a slow run says why."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.marks: list[tuple[str, float]] = []
+        self.seen: set[str] = set()
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.monotonic() - self.started))
+
+    def once(self, what: str) -> None:
+        if what not in self.seen:
+            self.seen.add(what)
+            self.mark(what)
+
+    def report(self) -> str:
+        lines, previous = [], 0.0
+        for what, at in self.marks:
+            lines.append(f"  {at:6.1f} s  (+{at - previous:5.1f})  {what}")
+            previous = at
+        return "\n".join(lines)
+
+
+TIMELINE = Timeline()
+
+
 def say(text: str) -> None:
+    TIMELINE.mark(text)
     print(f"\n==> {text}", flush=True)
 
 
@@ -174,6 +207,12 @@ def task_records(count: int, seed: int) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------- manifests
 
+#: One torch thread per pod, matching its 1-CPU limit. The worker sizes its threads from a cgroup v2
+#: quota; on a cgroup v1 node (this project's machine) it sees no quota and starts one thread per
+#: core, and the CFS quota then throttles the threads against each other: 60 steps took 43 s in a
+#: 1-CPU container with two threads and 8 s with one (podman, load 10).
+ONE_THREAD: dict[str, Any] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
+
 
 def finetunejob(name: str, method: dict[str, Any], learning_rate: float, steps: int) -> dict[str, Any]:
     return {
@@ -193,6 +232,7 @@ def finetunejob(name: str, method: dict[str, Any], learning_rate: float, steps: 
             },
             "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "2Gi"},
             "output": {"uri": f"pvc://data/adapters/{name}"},
+            "podTemplate": ONE_THREAD,
         },
     }
 
@@ -206,6 +246,7 @@ def adapterdeployment() -> dict[str, Any]:
             "model": {"uri": "pvc://data/base"},
             "adapters": [{"name": name, "fineTuneJob": name} for name in METHODS],
             "resources": {"cpu": "1", "memory": "2Gi"},
+            "podTemplate": ONE_THREAD,
         },
     }
 
@@ -227,8 +268,9 @@ class JobLines:
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.tty = sys.stdout.isatty()
-        self.drawn = False
+        self.drawn = 0  # lines drawn on the terminal, to move back over
         self.last: dict[str, tuple[str, int]] = {}
+        self.printed: set[str] = set()
 
     @staticmethod
     def line(name: str, obj: dict[str, Any]) -> tuple[str, str, int]:
@@ -252,37 +294,55 @@ class JobLines:
         quarter = int(4 * step / total) if total else 0
         return text, phase, quarter
 
-    def show(self, objects: dict[str, dict[str, Any]]) -> None:
+    def show(self, objects: dict[str, dict[str, Any]], extra: Sequence[str] = ()) -> None:
+        """Draw one line per job and then the ``extra`` lines (other objects' one-line states)."""
         lines = {name: self.line(name, objects[name]) for name in self.names}
         if self.tty:
             if self.drawn:
-                sys.stdout.write(f"\x1b[{len(self.names)}F")  # back to the first job's line
-            for text, _, _ in lines.values():
+                sys.stdout.write(f"\x1b[{self.drawn}F")  # back to the first job's line
+            texts = [text for text, _, _ in lines.values()] + list(extra)
+            for text in texts:
                 sys.stdout.write(f"\x1b[2K{text}\n")
-            self.drawn = True
+            self.drawn = len(texts)
         else:
             for name, (text, phase, quarter) in lines.items():
                 if self.last.get(name) != (phase, quarter):
                     print(text)
                     self.last[name] = (phase, quarter)
+            for text in extra:
+                if text not in self.printed:
+                    print(text)
+                    self.printed.add(text)
         sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------- run
 
 
-def train_and_follow(custom: client.CustomObjectsApi, steps: int) -> None:
+def serving_line(obj: dict[str, Any] | None) -> str:
+    status = (obj or {}).get("status") or {}
+    phase = status.get("phase") or "Pending"
+    text = f"  {'cipher':16} {'serving':8} {phase:10} adapters {status.get('adaptersReady') or '0/2'}"
+    if phase == "Failed" or phase == "Degraded":
+        text += f" {status.get('message') or ''}"
+    return text
+
+
+def follow_training(custom: client.CustomObjectsApi, installing: Future[Any]) -> None:
+    """Follow both jobs (and the server, which starts meanwhile) until both jobs have finished."""
     names = list(METHODS)
-    for name, (method, learning_rate) in METHODS.items():
-        custom.create_namespaced_custom_object(
-            v1alpha1.GROUP, v1alpha1.VERSION, NAMESPACE, "finetunejobs",
-            finetunejob(name, method, learning_rate, steps),
-        )  # fmt: skip
     display = JobLines(names)
     deadline = time.monotonic() + 1800
     while True:
+        if installing.done() and installing.exception() is not None:
+            raise SystemExit(f"installing the operator failed: {installing.exception()}")
         objects = {name: get(custom, "finetunejobs", name) for name in names}
-        display.show(objects)
+        display.show(objects, [serving_line(get(custom, "adapterdeployments", "cipher"))])
+        for name, obj in objects.items():
+            status = obj.get("status") or {}
+            TIMELINE.once(f"{name}: {status.get('phase') or 'Pending'}")
+            if ((status.get("progress") or {}).get("step") or 0) > 0:
+                TIMELINE.once(f"{name}: first step reported")
         phases = {(o.get("status") or {}).get("phase") for o in objects.values()}
         if phases <= {"Succeeded", "Failed"}:
             break
@@ -306,12 +366,17 @@ def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int, base: Path)
     core = client.CoreV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
 
-    say("installing the CRDs and the operator (Helm chart)")
+    say("installing the CRDs, then the operator (Helm chart) while the data is put in place")
     crdgen.apply(api_client)
-    handle.helm(
+    # The objects below only need the CRDs; the operator acts on them once it runs. Installing it in
+    # the background overlaps its image start with the claim and the copy of the base model.
+    background = ThreadPoolExecutor(max_workers=1)
+    installing = background.submit(
+        handle.helm,
         "install", "kubetune", str(ROOT / "charts" / "kubetune"), "--namespace", "kubetune-system",
         "--create-namespace", "--skip-crds", *images.helm_values(), "--wait", "--timeout", "180s",
     )  # fmt: skip
+    background.shutdown(wait=False)
 
     say("putting the base model and the task's data on a PersistentVolumeClaim")
     core.create_namespace({"metadata": {"name": NAMESPACE}})
@@ -328,7 +393,7 @@ def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int, base: Path)
         pvc = core.read_namespaced_persistent_volume_claim("data", NAMESPACE)
         return pvc.spec.volume_name if pvc.status.phase == "Bound" else None  # type: ignore[union-attr]
 
-    volume = wait_for(bound, 60, description="the claim to bind")
+    volume = wait_for(bound, 60, interval=0.2, description="the claim to bind")
     claim_dir = Path(core.read_persistent_volume(volume).spec.host_path.path)  # type: ignore[union-attr]
     claim_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base, claim_dir / "base", ignore=shutil.ignore_patterns("demo-recipe.json"))
@@ -340,32 +405,44 @@ def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int, base: Path)
         f"  data: 2000 records of '{prompt('hello')}' -> '{encode('hello', TASK_SHIFT)}' (shift {TASK_SHIFT})"
     )
 
-    say(f"training two methods, {steps} steps each, as one comparison (kubectl get ftj -n {NAMESPACE})")
-    train_and_follow(custom, steps)
-
-    say(f"comparing them: kubetune compare -n {NAMESPACE} -l {SELECTOR}")
-    comparison = compare.collect(api_client, NAMESPACE, SELECTOR)
-    print(compare.render_table(comparison), end="")
-    OUT.mkdir(parents=True, exist_ok=True)
-    plot = OUT / "compare.png"
-    compare.plot(comparison, plot)
-    print(f"  plot: {plot.relative_to(ROOT)}")
-
-    say(f"serving both adapters from one AdapterDeployment (kubectl get adep -n {NAMESPACE})")
+    say(
+        f"training two methods, {steps} steps each, as one comparison (kubectl get ftj -n {NAMESPACE}); "
+        "the AdapterDeployment that serves them starts meanwhile"
+    )
+    for name, (method, learning_rate) in METHODS.items():
+        custom.create_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, NAMESPACE, "finetunejobs",
+            finetunejob(name, method, learning_rate, steps),
+        )  # fmt: skip
+    # Created now, not after training: the server loads the base while the jobs train, and the
+    # operator hot-loads each adapter into it as its FineTuneJob succeeds.
     custom.create_namespaced_custom_object(
         v1alpha1.GROUP, v1alpha1.VERSION, NAMESPACE, "adapterdeployments", adapterdeployment()
     )
+    follow_training(custom, installing)
+    installing.result()  # the operator ran the jobs, so its install succeeded; this surfaces a late error
+
+    # The plot needs only the finished runs: drawn (matplotlib's import included) while the server
+    # loads the adapters.
+    plot = OUT / "compare.png"
+    OUT.mkdir(parents=True, exist_ok=True)
+    plotting = ThreadPoolExecutor(max_workers=1)
+    plotted = plotting.submit(compare.plot, compare.collect(api_client, NAMESPACE, SELECTOR), plot)
+    plotting.shutdown(wait=False)
+
+    say(f"serving both adapters from one AdapterDeployment (kubectl get adep -n {NAMESPACE})")
     wait_for(
         lambda: (
             (get(custom, "adapterdeployments", "cipher").get("status") or {}).get("adaptersReady") == "2/2"
             and get(custom, "adapterdeployments", "cipher")["status"].get("phase") == "Ready"
         ),
         600,
-        interval=1,
+        interval=0.5,
         description=lambda: (
             f"both adapters to load: {get(custom, 'adapterdeployments', 'cipher').get('status')}"
         ),
     )
+    TIMELINE.mark("AdapterDeployment Ready, both adapters loaded")
     print(handle.kubectl("get", "adep", "-n", NAMESPACE).stdout, end="")
     # Through the Service, as a client in the cluster would (the local cluster proxies ClusterIPs).
     service = core.read_namespaced_service("cipher", NAMESPACE)
@@ -377,19 +454,33 @@ def run_demo(handle: ClusterHandle, images: BuiltImages, steps: int, base: Path)
         f"  {'question':24} {'expected':12} {base_name + ' (base)':16} "
         + " ".join(f"{m:16}" for m in METHODS)
     )
-    correct = True
-    for word in QUESTIONS:
-        expected = encode(word, TASK_SHIFT)
-        cells = [f"{ask(url, base_name, word):16}"]
-        for adapter in METHODS:
-            got = ask(url, adapter, word)
-            correct &= got == expected
-            cells.append(f"{got + (' ok' if got == expected else ' WRONG'):16}")
-        print(f"  {prompt(word):24} {expected:12} " + " ".join(cells))
+    # All questions at once, as concurrent clients would ask: the server batches them.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = {
+            (model, word): pool.submit(ask, url, model, word)
+            for word in QUESTIONS
+            for model in (base_name, *METHODS)
+        }
+        correct = True
+        for word in QUESTIONS:
+            expected = encode(word, TASK_SHIFT)
+            cells = [f"{answers[base_name, word].result():16}"]
+            for adapter in METHODS:
+                got = answers[adapter, word].result()
+                correct &= got == expected
+                cells.append(f"{got + (' ok' if got == expected else ' WRONG'):16}")
+            print(f"  {prompt(word):24} {expected:12} " + " ".join(cells))
+    TIMELINE.mark("questions answered")
     print(
         f"  the base answers as it was pretrained (mostly shift {BASE_SHIFT}); "
         + ("both adapters answer every question correctly" if correct else "an adapter answered WRONG")
     )
+
+    # After serving, so the table's latency column has what the server measured.
+    say(f"comparing them: kubetune compare -n {NAMESPACE} -l {SELECTOR} --plot {plot.relative_to(ROOT)}")
+    print(compare.render_table(compare.collect(api_client, NAMESPACE, SELECTOR)), end="")
+    plotted.result()
+    print(f"  plot: {plot.relative_to(ROOT)}")
     return correct
 
 
@@ -402,6 +493,7 @@ def main() -> int:
     started = time.monotonic()
     images = BuiltImages.read(ROOT / "_out" / "images.env")
     base = pretrained_base(cache_dir())
+    TIMELINE.mark("base model ready")
     say(f"starting the embedded local cluster (images: {images.operator}, {images.worker})")
     cluster = LocalCluster(ClusterOptions(name="demo", nodes=[NodeOptions(runtime="podman")]))
     cluster.start()
@@ -410,6 +502,7 @@ def main() -> int:
         correct = run_demo(handle, images, args.steps, base)
         minutes, seconds = divmod(round(time.monotonic() - started), 60)
         say(f"done in {minutes} min {seconds:02d} s")
+        print(TIMELINE.report())
         if args.keep:
             print(f"  the cluster is running: export KUBECONFIG={cluster.kubeconfig}")
             print(f"  try: kubetune compare -n {NAMESPACE} -l {SELECTOR} -o markdown")
