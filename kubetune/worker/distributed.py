@@ -33,8 +33,33 @@ def exit_code_of_failure(exitcode: int) -> int:
     return exitcode or 1
 
 
+def _train_arguments(argv: Sequence[str]) -> list[str] | None:
+    """The ``kubetune train`` arguments at the end of a torchrun command line, if that is what it runs."""
+    args = list(argv)
+    for index in range(len(args) - 2):
+        if args[index : index + 3] == ["-m", "kubetune", "train"]:
+            return args[index + 3 :]
+    return None
+
+
 def launch(argv: Sequence[str]) -> int:
-    """Run torchrun with ``argv``; return the first failed worker's exit code (0 when all succeed)."""
+    """Run torchrun with ``argv``; return the first failed worker's exit code (0 when all succeed).
+
+    When it runs ``kubetune train``, the plan and its local sources are checked first, before torch is
+    imported (:func:`kubetune.worker.train_cli.check`).
+    """
+    train_args = _train_arguments(argv)
+    if train_args is not None:
+        import argparse
+
+        from kubetune.worker import train_cli
+
+        parser = argparse.ArgumentParser(prog="kubetune train")
+        train_cli.add_arguments(parser)
+        code = train_cli.check(parser.parse_args(train_args))
+        if code:
+            return code
+
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -80,13 +80,34 @@ def preflight(plan: TrainingPlan) -> None:
         sources.resolve_model(plan.model.uri, plan.model.revision, plan.model.token_env, plan.storage)
 
 
-def run(args: argparse.Namespace) -> int:
+def _configure_logging(args: argparse.Namespace) -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def check(args: argparse.Namespace) -> int:
+    """Read the plan and run :func:`preflight`, as :func:`run` does first, without importing torch:
+    0, or the failure's exit code after writing its termination message. The multi-node launcher
+    calls it before torchrun starts, so a bad dataset fails a group as fast as one pod."""
+    _configure_logging(args)
+    termination_path = args.termination_message_path or os.environ.get(TERMINATION_ENV_VAR)
+    try:
+        plan = _read_plan(args)
+        preflight(plan)
+    except KubetuneError as exc:
+        message = exc.termination_message()
+        logger.error("%s", message)
+        write_termination_message(termination_path or "/dev/termination-log", message)
+        return exc.exit_code
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    _configure_logging(args)
     termination_path = args.termination_message_path or os.environ.get(TERMINATION_ENV_VAR)
     try:
         plan = _read_plan(args)
