@@ -4,6 +4,8 @@ Aspects:
 - two tiny runs (LoRA and IA3) sharing a ``kubetune.dev/compare`` label are read back from their
   status and their manifests on the claim: the table lists both with measured numbers, JSON
   carries each run's loss curve from its manifest, and ``--plot`` writes a PNG;
+- an AdapterDeployment (scaled to zero: no server needed) that serves one run by its FineTuneJob
+  gives that run a serving entry, and the other run's latency cell says "not served";
 - a third, suspended job in the comparison is named as not finished, and the command exits 2;
 - a selector the apiserver rejects, and one that matches nothing, are said plainly (exit 1).
 """
@@ -86,6 +88,34 @@ def test_compare_reads_real_runs(
         assert run["eval_loss"] == pytest.approx(status["result"]["metrics"]["eval_loss"])
         assert run["trainable_parameters"] == manifest["metrics"]["trainable_parameters"] > 0
     assert document["reference"] in ("cmp-lora", "cmp-ia3")
+
+    from kubernetes import client
+
+    from kubetune.api import v1alpha1
+
+    client.CustomObjectsApi(cluster.api_client()).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments",
+        {
+            "apiVersion": v1alpha1.API_VERSION,
+            "kind": "AdapterDeployment",
+            "metadata": {"name": "cmp-serve"},
+            "spec": {
+                "model": {"uri": "pvc://data/model"},
+                "adapters": [{"name": "served-lora", "fineTuneJob": "cmp-lora"}],
+                "replicas": 0,
+            },
+        },
+    )  # fmt: skip
+    served = json.loads(_compare(cluster, "-n", namespace, "-l", selector, "-o", "json").stdout)
+    serving = {run["name"]: run["serving"] for run in served["runs"]}
+    assert [(s["adapter_deployment"], s["adapter"]) for s in serving["cmp-lora"]] == [
+        ("cmp-serve", "served-lora")
+    ]
+    assert serving["cmp-ia3"] == []
+    table_lines = _compare(cluster, "-n", namespace, "-l", selector).stdout.splitlines()
+    latency = {line.split()[0]: line for line in table_lines}
+    assert latency["cmp-ia3"].rstrip().endswith("not served")
+    assert "not served" not in latency["cmp-lora"]
 
     create_finetunejob(cluster, namespace, _labelled(finetunejob("cmp-later", suspend=True), "cipher"))
     wait_for(lambda: phase_is(cluster, namespace, "cmp-later", "Suspended"), 60, description="suspended")
