@@ -166,10 +166,12 @@ def _reconcile_until_it_works(memo: Any, namespace: str | None, name: str) -> No
     the background until one works (kopf does not retry event handlers)."""
     try:
         _retrying(lambda: _reconcile(memo, namespace, name), f"FineTuneJob {namespace}/{name}")
-    except Exception:
-        logger.exception(
-            "FineTuneJob %s/%s: pass failed, retrying in %.0f s", namespace, name, FAILED_PASS_RETRY_S
-        )
+    except Exception as error:
+        what = f"FineTuneJob {namespace}/{name}: pass failed, retrying in {FAILED_PASS_RETRY_S:.0f} s"
+        if kube.transient_delay(error) is None:
+            logger.exception(what)
+        else:  # an apiserver outage: one line, not a traceback per object
+            logger.error("%s: %s", what, error)
         context = contextvars.copy_context()  # kopf's event poster lives in the context
         retry = threading.Timer(
             FAILED_PASS_RETRY_S, context.run, args=(_reconcile_until_it_works, memo, namespace, name)
@@ -272,11 +274,8 @@ async def worker_changed(
         return
     owner = labels[LABEL_FINETUNEJOB]
     # A pass that works records what it read in ``seen``; a failed one does not, so the next event
-    # of this child tries again.
-    await _in_pool(
-        memo,
-        lambda: _retrying(lambda: _reconcile(memo, namespace, owner), f"FineTuneJob {namespace}/{owner}"),
-    )
+    # of this child tries again, and so does the background retry: the child may change no more.
+    await _in_pool(memo, lambda: _reconcile_until_it_works(memo, namespace, owner))
 
 
 # -- AdapterDeployment -------------------------------------------------------------------------------

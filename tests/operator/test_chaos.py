@@ -244,6 +244,8 @@ def test_apiserver_restarted_mid_run(
     # that the operator's Job watch was re-established (its progress timer alone would also have
     # brought the status to Succeeded).
     assert f"[{namespace}/{job.metadata.name}] Handler 'worker_changed' is invoked" in after, after[-3000:]
+    # The outage is logged as what it is, one line per failed attempt, not as tracebacks.
+    assert operator_process.tracebacks() == []
 
 
 def _gone(cluster: ClusterHandle, namespace: str, pod: Any) -> bool:
