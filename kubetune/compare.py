@@ -42,6 +42,8 @@ class CompareError(Exception):
 #: (milliseconds per generated token): per adapter, and for the bare base model with no adapter.
 ADAPTER_MS_PER_TOKEN = "msPerToken"
 BASE_MS_PER_TOKEN = "baseMsPerToken"
+#: With mergeAdapter, msPerToken is the merged adapter's; this is the same probe before the merge.
+UNMERGED_MS_PER_TOKEN = "unmergedMsPerToken"
 
 
 @dataclass
@@ -257,13 +259,18 @@ def servings_of(run: Run, adapter_deployments: list[dict[str, Any]]) -> list[Ser
         statuses = {a.get("name"): a for a in status.get("adapters") or [] if isinstance(a, dict)}
         for spec_adapter in spec.get("adapters") or []:
             adapter_status = statuses.get(spec_adapter.get("name"), {})
-            if _serves(spec_adapter, adapter_status, run):
+            if not _serves(spec_adapter, adapter_status, run):
+                continue
+            merged = bool(spec.get("mergeAdapter"))
+            for is_merged, key in ((merged, ADAPTER_MS_PER_TOKEN), (False, UNMERGED_MS_PER_TOKEN)):
+                if key == UNMERGED_MS_PER_TOKEN and (not merged or key not in adapter_status):
+                    continue  # only a merged adapter has a separate pre-merge figure
                 found.append(
                     Serving(
                         adapter_deployment=adep["metadata"]["name"],
                         adapter=str(spec_adapter.get("name")),
-                        merged=bool(spec.get("mergeAdapter")),
-                        ms_per_token=_number(adapter_status, ADAPTER_MS_PER_TOKEN),
+                        merged=is_merged,
+                        ms_per_token=_number(adapter_status, key),
                         base_ms_per_token=_number(status, BASE_MS_PER_TOKEN),
                     )
                 )

@@ -163,7 +163,7 @@ def adapterdeployment(
     name: str, adapters: list[dict[str, Any]], merged: bool = False, base_ms: float | None = 10.0
 ) -> dict[str, Any]:
     """An AdapterDeployment as the API returns it; ``adapters``: spec entries plus status fields."""
-    status_keys = ("sha256", "source", compare.ADAPTER_MS_PER_TOKEN, "state")
+    status_keys = ("sha256", "source", compare.ADAPTER_MS_PER_TOKEN, compare.UNMERGED_MS_PER_TOKEN, "state")
     status: dict[str, Any] = {
         "adapters": [{"name": a["name"], **{k: a[k] for k in status_keys if k in a}} for a in adapters]
     }
@@ -231,3 +231,18 @@ def test_an_unfinished_run_is_never_matched_to_a_server() -> None:
     served = adapterdeployment("multi", [{"name": "l", "fineTuneJob": "a-lora", "msPerToken": 5.0}])
     comparison = compare.build_comparison("ns", "s", [running], adapter_deployments=[served])
     assert comparison.runs[0].serving == [] and compare.table_rows(comparison)[0][-1] == compare.DASH
+
+
+def test_a_merged_adapter_shows_its_pre_merge_probe_as_unmerged() -> None:
+    lora = job("a-lora", "lora", 1.0)
+    merged = adapterdeployment(
+        "merged",
+        [{"name": "l", "fineTuneJob": "a-lora", "msPerToken": 10.5, "unmergedMsPerToken": 13.0}],
+        merged=True,
+        base_ms=10.0,
+    )
+    comparison = compare.build_comparison("ns", "s", [lora], adapter_deployments=[merged])
+    assert [(s.merged, s.ms_per_token) for s in comparison.runs[0].serving] == [(True, 10.5), (False, 13.0)]
+    assert compare.table_rows(comparison)[0][-1] == (
+        "13 ms (1.30x base 10 ms); merged 10.5 ms (1.05x base 10 ms)"
+    )
