@@ -41,8 +41,11 @@ crds: venv
 	$(PY) -m kubetune crds
 	$(PY) -m kubetune.api.apidoc
 
+# Passive OpenMP waits: torch threads that spin on a shared 2-core machine cost ~5x the CPU (the
+# worker sets the same default for its own pods, see kubetune/worker/__init__.py).
+test: export OMP_WAIT_POLICY ?= PASSIVE
 test: venv lint $(TEST_PREREQS)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 DEMO_ARGS ?=
 demo: venv cluster-build images
