@@ -1,0 +1,130 @@
+"""FineTuneJobs queued by real Kueue (its controller and webhooks on the local cluster).
+
+Aspects:
+- a ClusterQueue with CPU quota for one worker and two FineTuneJobs whose pod template carries
+  ``kueue.x-k8s.io/queue-name``: the operator puts the label on each worker Job, Kueue admits the
+  first (it trains) and holds the second suspended, with no pod;
+- the waiting FineTuneJob says so: ``Suspended=True`` with reason ``Queued`` and phase ``Suspended``;
+- the operator never overrides Kueue's ``spec.suspend``: the held Job stays suspended, and no field
+  manager of the operator's other than the creating apply ever wrote it;
+- once the first FineTuneJob Succeeds, Kueue admits the second, which runs (its Job starts no earlier
+  than the first completed) and Succeeds.
+
+Skips, as tests/cluster/test_kueue.py does, while Kueue is not built (``make kueue-build``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from kubetune.localcluster.testing import ClusterHandle, wait_for
+from tests.cluster.test_kueue import GROUP, QUEUE_LABEL, VERSION, kueue_object
+from tests.fixtures import create_finetunejob, finetunejob, get_finetunejob, phase_is
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.torch]
+
+
+@pytest.fixture(scope="module")
+def cluster(kueue_cluster: ClusterHandle) -> Iterator[ClusterHandle]:
+    """The operator, namespace and claim fixtures of this module run on the Kueue cluster."""
+    yield kueue_cluster
+
+
+def cluster_queue(name: str, flavor: str) -> dict[str, Any]:
+    """Quota for one worker (1 CPU, 2Gi) and not two: Kueue needs quota for every resource a pod requests."""
+    quota = [{"name": "cpu", "nominalQuota": "1"}, {"name": "memory", "nominalQuota": "3Gi"}]
+    group = {"coveredResources": ["cpu", "memory"], "flavors": [{"name": flavor, "resources": quota}]}
+    return kueue_object("ClusterQueue", name, {"namespaceSelector": {}, "resourceGroups": [group]})
+
+
+def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def test_second_finetunejob_waits_in_the_queue_then_runs(
+    cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
+) -> None:
+    from kubetune.worker.testing import make_tiny_model, task_records, write_records
+
+    api = cluster.api_client()
+    custom = client.CustomObjectsApi(api)
+    batch = client.BatchV1Api(api)
+    core = client.CoreV1Api(api)
+    flavor, queue_name = f"flavor-{namespace}", f"cq-{namespace}"
+    custom.create_cluster_custom_object(
+        GROUP, VERSION, "resourceflavors", kueue_object("ResourceFlavor", flavor, {})
+    )
+    custom.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", cluster_queue(queue_name, flavor))
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "localqueues",
+        kueue_object("LocalQueue", "team", {"clusterQueue": queue_name}, namespace),
+    )  # fmt: skip
+
+    make_tiny_model(claim_dir / "model")
+    write_records(claim_dir / "train.jsonl", task_records(80, fmt="completion"))
+    for name in ("first", "second"):
+        body = finetunejob(name, podTemplate={"labels": {QUEUE_LABEL: "team"}})
+        body["spec"]["training"].update(maxSteps=20)
+        body["spec"]["resources"].update(cpu="1", memory="2Gi")
+        create_finetunejob(cluster, namespace, body)
+
+    def job(name: str) -> Any:
+        return batch.read_namespaced_job(f"{name}-train", namespace)
+
+    def queued(name: str) -> dict[str, Any] | None:
+        obj = get_finetunejob(cluster, namespace, name)
+        held = _conditions(obj).get("Suspended") or {}
+        return obj if held.get("status") == "True" and held.get("reason") == "Queued" else None
+
+    wait_for(
+        lambda: phase_is(cluster, namespace, "first", "Running"),
+        180,
+        description=lambda: f"first Running: {get_finetunejob(cluster, namespace, 'first').get('status')}",
+    )
+    # Whichever Kueue admitted first, the other waits; the operator's "first" is created first.
+    waiting = wait_for(
+        lambda: queued("second"),
+        120,
+        description=lambda: f"second Queued: {get_finetunejob(cluster, namespace, 'second').get('status')}",
+    )
+    assert waiting["status"]["phase"] == "Suspended"
+    assert "queue" in _conditions(waiting)["Suspended"]["message"]
+    held = job("second")
+    assert held.metadata.labels[QUEUE_LABEL] == "team" and held.spec.suspend is True
+    assert not core.list_namespaced_pod(
+        namespace, label_selector="batch.kubernetes.io/job-name=second-train"
+    ).items
+    assert job("first").spec.suspend is False
+
+    done = wait_for(
+        lambda: phase_is(cluster, namespace, "first", "Succeeded", "Failed"),
+        600,
+        interval=1,
+        description=lambda: f"first to end: {get_finetunejob(cluster, namespace, 'first').get('status')}",
+    )
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    # Until Kueue admits it, the second Job has stayed suspended: never resumed by the operator.
+    assert queued("second") is not None or job("second").status.start_time is not None
+    finished = wait_for(
+        lambda: phase_is(cluster, namespace, "second", "Succeeded", "Failed"),
+        600,
+        interval=1,
+        description=lambda: f"second to end: {get_finetunejob(cluster, namespace, 'second').get('status')}",
+    )
+    assert finished["status"]["phase"] == "Succeeded", finished["status"]
+    first_done = batch.read_namespaced_job_status("first-train", namespace).status.completion_time
+    assert job("second").status.start_time >= first_done
+    # Only Kueue (its webhook and controller) changed spec.suspend after the operator's creating apply.
+    writers = {
+        entry.manager
+        for entry in job("second").metadata.managed_fields or []
+        if "f:suspend" in str((entry.fields_v1 or {}).get("f:spec", {}))
+    }
+    assert "kubetune-suspend" not in writers, writers
+    custom.delete_cluster_custom_object(GROUP, VERSION, "clusterqueues", queue_name)
+    custom.delete_cluster_custom_object(GROUP, VERSION, "resourceflavors", flavor)
