@@ -377,8 +377,8 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
     work = Path(job["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
-    if job["liger"]:
-        _apply_liger(job["model_type"])
+    if job["liger"] and job["side"] == "kubetune":
+        _apply_liger(job["model_type"])  # the baselines apply it themselves (use_liger_kernel)
     cuda = job["device"] == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -412,8 +412,9 @@ def plan_runs(settings: Settings) -> tuple[list[tuple[str, str, bool]], list[str
             ligers.append(True)
         else:
             skipped.append("Liger Kernel: liger_kernel not installed (or no GPU): runs without it only")
-    # Interleaved by method so a spent budget still leaves every method's kubetune-vs-baseline pair.
-    runs = [(m, s, liger) for m in methods for liger in ligers for s in sides]
+    # Every method without Liger first, so a spent budget cuts Liger runs, not a method's
+    # kubetune-vs-baseline pair.
+    runs = [(m, s, liger) for liger in ligers for m in methods for s in sides]
     return runs, skipped
 
 
@@ -607,6 +608,8 @@ def render_markdown(document: dict[str, Any]) -> str:
         "- tokens/s: real (non-padding) tokens over the training loop; MFU: the planner's training "
         "FLOPs for those tokens (6N for full, 4N + 6 x trainable for adapters, plus attention) over "
         "the loop's seconds and the GPU's dense bf16 peak.",
+        "- attention: transformers' default (SDPA) on every side; TRL's padding-free packing is "
+        "meant for flash-attention kernels, which an offline machine usually lacks.",
         "- peak allocated: `torch.cuda.max_memory_allocated` over the run; the planner's estimate "
         "is weights + gradients + optimizer + activations + the logits' gradient, and its fixed "
         "CUDA-context overhead (which max_memory_allocated does not see) in brackets.",
