@@ -17,6 +17,17 @@ Run (about 30 minutes on 2 shared CPU cores)::
 
     .venv/bin/python -m benchmarks.method_comparison   # writes benchmarks/results/method_comparison.*
     .venv/bin/python -m benchmarks.method_comparison --help
+
+**Real size** (``--config qwen2.5-0.5b --layers 2``): the base is a real architecture's
+``config.json`` (from ``tests/planner/configs/``, or a path) at its full width and vocabulary, cut to
+a few decoder layers and randomly initialised, so trainable shares, checkpoint sizes and the memory
+split between weights, optimizer state and activations are those of the real model per layer
+(embeddings and the output layer at their real size). Random weights make losses meaningless as a
+quality measure (no retention set, no learning-rate grid: one rate per method); memory and speed do
+not depend on the weights. A few steps of short sequences keep it to minutes of CPU::
+
+    .venv/bin/python -m benchmarks.method_comparison --config qwen2.5-0.5b --layers 2 \
+        --steps 6 --batch-size 2 --max-seq-length 64 --name method_comparison_realsize
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,11 +76,30 @@ LEARNING_RATES: dict[str, tuple[float, ...]] = {
 }
 
 
+#: Columns left out of the real-size tables: on random weights they measure nothing.
+RANDOM_WEIGHT_COLUMNS = frozenset(
+    {
+        "eval loss before",
+        "eval loss after",
+        "retention loss before",
+        "retention delta",
+        "eval loss",
+        "quality recovered",
+    }
+)
+#: Real architectures' config.json files shipped with the planner's tests (``--config NAME``).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "tests" / "planner" / "configs"
+
+
 @dataclass(frozen=True)
 class Settings:
     """What every run shares. Steps are optimizer steps; lengths are tokens."""
 
     size: ModelSize = "small"
+    #: A real architecture (a name in CONFIGS_DIR or a config.json path), random init, instead of size.
+    config: str | None = None
+    #: Decoder layers kept of ``config``'s (its width and vocabulary are kept whole).
+    layers: int = 2
     pretrain_steps: int = 300
     steps: int = 200
     batch_size: int = 16
@@ -82,13 +113,65 @@ class Settings:
     seed: int = 0
 
 
-def prepare_data(work_dir: Path, settings: Settings) -> tuple[Path, Path]:
-    """The cipher task (completion format: loss on the answer) and the retention set (counting)."""
+def real_config(settings: Settings) -> dict[str, Any]:
+    """``settings.config``'s config.json, cut to ``settings.layers`` decoder layers."""
+    assert settings.config is not None
+    path = Path(settings.config)
+    if not path.is_file():
+        path = CONFIGS_DIR / f"{settings.config}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
+        raise SystemExit(f"--config {settings.config!r}: no such file, and not one of: {known}")
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    config["num_hidden_layers"] = settings.layers
+    for key in ("max_window_layers", "first_k_dense_replace"):
+        if key in config:
+            config[key] = min(config[key], settings.layers)
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][: settings.layers]
+    return config
+
+
+def prepare_real_model(work_dir: Path, settings: Settings) -> Path:
+    """A randomly initialised model of ``settings.config`` with the test tokenizer (whose ids fall
+    inside any real vocabulary), so ``kubetune train`` can tokenize the synthetic task for it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kubetune.worker.testing import build_tokenizer
+
+    config = real_config(settings)
+    directory = work_dir / f"model-{Path(settings.config or '').stem}-{settings.layers}l-seed{settings.seed}"
+    marker = directory / ".complete"
+    if marker.is_file():
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    tokenizer = build_tokenizer()
+    if len(tokenizer) > config["vocab_size"]:
+        raise SystemExit(f"--config {settings.config}: vocabulary smaller than the test tokenizer's")
+    config.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    marker.write_text("")
+    return directory
+
+
+def prepare_data(work_dir: Path, settings: Settings) -> tuple[Path, Path | None]:
+    """The cipher task (completion format: loss on the answer) and the retention set (counting;
+    none for a randomly initialised base, which has nothing to forget)."""
     from kubetune.worker.testing import retention_records, task_records, write_records
 
     train = write_records(
         work_dir / "data" / "cipher.jsonl", task_records(settings.train_records, seed=settings.seed)
     )
+    if settings.config is not None:
+        return train, None
     # A seed the base model's pretraining did not use, so these exact records were not memorised.
     retention = write_records(
         work_dir / "data" / "retention.jsonl",
@@ -104,7 +187,7 @@ def method_block(method: str) -> dict[str, Any]:
 
 
 def run_method(
-    method: str, settings: Settings, model_dir: Path, train: Path, retention: Path, work_dir: Path
+    method: str, settings: Settings, model_dir: Path, train: Path, retention: Path | None, work_dir: Path
 ) -> dict[str, Any]:
     """Run ``method`` once per learning rate; returns every run and the best (lowest eval loss)."""
     runs: list[dict[str, Any]] = []
@@ -118,7 +201,7 @@ def run_method(
             dataset={
                 "format": "completion",
                 "eval_fraction": settings.eval_fraction,
-                "retention_uri": str(retention),
+                **({"retention_uri": str(retention)} if retention is not None else {}),
             },
             training={
                 "max_steps": settings.steps,
@@ -191,9 +274,9 @@ def summarise(method: str, result: dict[str, Any], memory: dict[str, int]) -> di
         "tokens_per_second_runs": speeds,
         "eval_loss_before": metrics["eval_loss_before"],
         "eval_loss": metrics["eval_loss"],
-        "retention_loss_before": metrics["retention_loss_before"],
-        "retention_loss_after": metrics["retention_loss_after"],
-        "retention_delta": metrics["retention_delta"],
+        "retention_loss_before": metrics.get("retention_loss_before"),
+        "retention_loss_after": metrics.get("retention_loss_after"),
+        "retention_delta": metrics.get("retention_delta"),
         "train_seconds": metrics["train_seconds"],
     }
 
@@ -233,19 +316,41 @@ def render_markdown(document: dict[str, Any]) -> str:
     settings = document["settings"]
     rows = [row for row in document["methods"] if "error" not in row]
     failed = [row for row in document["methods"] if "error" in row]
+    real = settings.get("config") is not None
+
+    def table(headers: list[str], rows: list[list[Any]]) -> str:
+        """A markdown table; at real size without the columns random weights make meaningless."""
+        keep = [i for i, h in enumerate(headers) if not (real and h in RANDOM_WEIGHT_COLUMNS)]
+        return markdown_table([headers[i] for i in keep], [[row[i] for i in keep] for row in rows])
+
+    model = f"`{settings['config']}`, {settings['layers']} layers" if real else f"`{settings['size']}`"
+    parameters = min((row["total_parameters"] for row in rows), default="?")
+    if real:
+        base = (
+            f"Base: `{settings['config']}`'s config.json at its real width and vocabulary, cut to "
+            f"{settings['layers']} decoder layers, randomly initialised ({parameters} parameters), with "
+            "the test tokenizer. Random weights: losses would measure nothing, so they are left out; "
+            "memory, sizes, trainable shares and speed do not depend on the weights. One learning "
+            "rate per method."
+        )
+    else:
+        base = (
+            f"Base: `{settings['size']}` Llama from `kubetune.worker.testing` ({parameters} parameters), "
+            f"pretrained {settings['pretrain_steps']} steps on the counting distribution; learning rate "
+            "= best eval loss from the method's grid."
+        )
+    load = env.get("load_average")
     lines = [
-        f"# Method comparison (`{settings['size']}` model, synthetic cipher task)",
+        f"# Method comparison ({model} model, synthetic cipher task)",
         "",
         f"Measured {env['measured_at']} at commit `{env['git_commit']}` on {env['processor']}, "
-        f"{env['cpus_available']} CPU cores available (shared with other work), {env['threads_per_run']} "
-        f"thread(s) per run, GPU: {env['cuda'] or 'none'}; torch {env['torch']}, transformers "
-        f"{env['transformers']}, peft {env['peft']}.",
+        f"{env['cpus_available']} CPU cores available (shared with other work"
+        + (f"; load average {env.get('load_average_start')} at the start, {load} at the end" if load else "")
+        + f"), {env['threads_per_run']} thread(s) per run, GPU: {env['cuda'] or 'none'}; torch "
+        f"{env['torch']}, transformers {env['transformers']}, peft {env['peft']}.",
         "",
-        f"Base: `{settings['size']}` Llama from `kubetune.worker.testing` "
-        f"({min((row['total_parameters'] for row in rows), default='?')} parameters), pretrained "
-        f"{settings['pretrain_steps']} steps on the counting distribution. Each method: {settings['steps']} "
-        f"steps, batch {settings['batch_size']}, max length {settings['max_seq_length']}, cosine schedule, "
-        f"fp32 on CPU; learning rate = best eval loss from the method's grid. Generated by "
+        f"{base} Each method: {settings['steps']} steps, batch {settings['batch_size']}, max length "
+        f"{settings['max_seq_length']}, cosine schedule, fp32 on CPU. Generated by "
         "`python -m benchmarks.method_comparison`; the numbers come from the engine's `kubetune.json` "
         "except training memory (tensor accounting, `benchmarks/memory.py`).",
         "",
@@ -253,7 +358,7 @@ def render_markdown(document: dict[str, Any]) -> str:
         "",
     ]
     lines.append(
-        markdown_table(
+        table(
             [
                 "method",
                 "lr",
@@ -290,7 +395,7 @@ def render_markdown(document: dict[str, Any]) -> str:
     if any(row.get("vs_full") for row in rows):
         lines += ["", "## Against full fine-tuning (ratios, same run)", ""]
         lines.append(
-            markdown_table(
+            table(
                 [
                     "method",
                     "trainable params",
@@ -334,26 +439,49 @@ def render_markdown(document: dict[str, Any]) -> str:
             ],
         )
     )
-    lines += ["", "## Learning-rate grid (eval loss / retention delta / tokens/s)", ""]
-    lines.append(
-        markdown_table(
-            ["method", "lr", "eval loss", "retention delta", "tokens/s"],
-            [
+    if not real:  # at real size: one rate per method, and losses that mean nothing
+        lines += ["", "## Learning-rate grid (eval loss / retention delta / tokens/s)", ""]
+        lines.append(
+            markdown_table(
+                ["method", "lr", "eval loss", "retention delta", "tokens/s"],
                 [
-                    method,
-                    run["learning_rate"],
-                    run["metrics"].get("eval_loss") if "metrics" in run else f"failed: {run['error']}",
-                    run.get("metrics", {}).get("retention_delta"),
-                    run.get("metrics", {}).get("tokens_per_second"),
-                ]
-                for method, result in document["runs"].items()
-                for run in result["runs"]
-            ],
+                    [
+                        method,
+                        run["learning_rate"],
+                        run["metrics"].get("eval_loss") if "metrics" in run else f"failed: {run['error']}",
+                        run.get("metrics", {}).get("retention_delta"),
+                        run.get("metrics", {}).get("tokens_per_second"),
+                    ]
+                    for method, result in document["runs"].items()
+                    for run in result["runs"]
+                ],
+            )
         )
-    )
     if failed:
         lines += ["", "## Methods that failed on this machine", ""]
         lines += [f"- **{row['method']}**: `{row['error']}`" for row in failed]
+    if real:
+        lines += [
+            "",
+            "## Reading these numbers",
+            "",
+            "- The model has its real width, vocabulary and layer shapes but only "
+            f"{settings['layers']} decoder layers, so the embeddings and output layer weigh far more "
+            "in every total than in the whole model. Per layer everything is real size: an "
+            "adapter's parameters and checkpoint grow with the layer count, the frozen weights too, "
+            "so the whole model's trainable shares are larger than here (the planner's "
+            "`kubetune plan --config FILE` counts them exactly), and QLoRA saves less here because "
+            "only the decoder layers are 4-bit.",
+            "- *training memory* counts the tensors one step holds (weights, gradients, AdamW state, "
+            "saved activations). *Peak RSS* is the engine's process peak on CPU, which includes "
+            "loading the model.",
+            "- *checkpoint* = the artifact's `*.safetensors` files; tokenizer and logs excluded.",
+            "- tokens/s counts real (non-padding) tokens of the training loop; a handful of steps on "
+            "a shared machine: only large ratios mean anything.",
+            "- Losses are left out: the weights are random, so they rank nothing.",
+            "",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         "## Reading these numbers",
@@ -384,9 +512,13 @@ def run(
 ) -> dict[str, Any]:
     """Run the comparison and write ``<name>.{json,md}`` into ``results_dir``."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = prepare_model(
-        work_dir, size=settings.size, pretrain_steps=settings.pretrain_steps, seed=settings.seed
-    )
+    load_at_start = [round(x, 1) for x in os.getloadavg()]
+    if settings.config is not None:
+        model_dir = prepare_real_model(work_dir, settings)
+    else:
+        model_dir = prepare_model(
+            work_dir, size=settings.size, pretrain_steps=settings.pretrain_steps, seed=settings.seed
+        )
     train, retention = prepare_data(work_dir, settings)
     results: dict[str, Any] = {}
     rows = []
@@ -407,7 +539,12 @@ def run(
     add_ratios(rows)
     document = {
         "benchmark": "method_comparison",
-        "environment": environment(settings.threads),
+        # The 1/5/15-minute load averages: on a shared machine, what the timings competed with.
+        "environment": {
+            **environment(settings.threads),
+            "load_average_start": load_at_start,
+            "load_average": [round(x, 1) for x in os.getloadavg()],
+        },
         "settings": {**asdict(settings), "methods": list(settings.methods)},
         "methods": rows,
         "runs": results,
@@ -421,6 +558,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--methods", default=",".join(defaults.methods), help="comma-separated subset")
     parser.add_argument("--size", choices=get_args(ModelSize), default=defaults.size)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a real architecture instead of --size: a config.json path or one of "
+        f"{', '.join(sorted(p.stem for p in CONFIGS_DIR.glob('*.json')))} (random init, real width)",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=defaults.layers, help="decoder layers kept of --config's"
+    )
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -459,10 +605,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     grids = dict(LEARNING_RATES)
+    if args.config is not None:
+        # Random weights: eval loss ranks nothing, so a grid would only cost time. The grid's second
+        # rate, each method's usual range.
+        grids = {m: (rates[1],) for m, rates in LEARNING_RATES.items()}
     if args.learning_rate is not None:
         grids = {m: (args.learning_rate,) for m in METHODS}
+    if args.layers < 1:
+        raise SystemExit(f"--layers must be at least 1, got {args.layers}")
     settings = Settings(
         size=args.size,
+        config=args.config,
+        layers=args.layers,
         pretrain_steps=args.pretrain_steps,
         steps=args.steps,
         batch_size=args.batch_size,
