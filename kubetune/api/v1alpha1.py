@@ -718,6 +718,20 @@ class AdapterStatus(ApiModel):
         "DownloadFailed, PathOutsideRoots, InvalidUri, UnsupportedArtifact, LoadError, Unsupported.",
     )
     message: str = Field(default="", description="message explaining a failure.")
+    ms_per_token: float | None = Field(
+        default=None,
+        ge=0,
+        description="msPerToken: decode latency of the adapter as served (merged, with mergeAdapter), "
+        "milliseconds per generated token: the serving runtime's probe after the load (one sequence "
+        "alone, greedy: the mean of 8 decode steps after the first token, which includes the prefill), "
+        "median over the ready replicas serving it. Unset for runtime vllm and until a replica measured it.",
+    )
+    unmerged_ms_per_token: float | None = Field(
+        default=None,
+        ge=0,
+        description="unmergedMsPerToken: with mergeAdapter, the same probe of the adapter before it "
+        "was merged into the base (compare with msPerToken for the saving).",
+    )
 
 
 class CanaryStatus(ApiModel):
@@ -757,6 +771,13 @@ class AdapterDeploymentStatus(ApiModel):
     )
     adapters: list[AdapterStatus] = Field(default_factory=list, description="adapters and their state.")
     adapters_ready: str = Field(default="", description="adaptersReady for kubectl get, e.g. 2/3.")
+    base_ms_per_token: float | None = Field(
+        default=None,
+        ge=0,
+        description="baseMsPerToken: decode latency of the bare base model, milliseconds per generated "
+        "token, by the same probe as adapters[].msPerToken (at the replica's start, before any merge); "
+        "median over the ready replicas. Unset for runtime vllm.",
+    )
     canaries: list[CanaryStatus] = Field(
         default_factory=list, description="canaries of the routes, one per route."
     )

@@ -652,6 +652,45 @@ class PodReport:
 
     loaded: dict[str, str] = field(default_factory=dict)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Decode latency, ms per token, by adapter name and for the base (``BASE_LATENCY``), as the
+    #: pod's probe measured it; ``unmerged_ms_per_token``: mergeAdapter's adapter before merging.
+    ms_per_token: dict[str, float] = field(default_factory=dict)
+    unmerged_ms_per_token: dict[str, float] = field(default_factory=dict)
+
+
+#: Key of the base model in :attr:`PodReport.ms_per_token`.
+BASE_LATENCY = ""
+
+
+def pod_latencies(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """(ms_per_token, unmerged_ms_per_token) from a kubetune pod's ``GET /v1/adapters``."""
+    probed: dict[str, float] = {}
+    unmerged: dict[str, float] = {}
+    base = report.get("base") or {}
+    if isinstance(base.get("ms_per_token"), int | float):
+        probed[BASE_LATENCY] = float(base["ms_per_token"])
+    for adapter in report.get("adapters") or []:
+        if isinstance(adapter.get("ms_per_token"), int | float):
+            probed[adapter["name"]] = float(adapter["ms_per_token"])
+        if isinstance(adapter.get("unmerged_ms_per_token"), int | float):
+            unmerged[adapter["name"]] = float(adapter["unmerged_ms_per_token"])
+    return probed, unmerged
+
+
+def _median_ms(values: list[float]) -> float | None:
+    """The replicas' median, rounded to 0.01 ms: a status field, so it changes only when a probe
+    does (a new load or a new pod)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    value = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return round(value, 2)
+
+
+def base_ms_per_token(reports: list[PodReport]) -> float | None:
+    """status.baseMsPerToken: the base model's decode latency across the ready replicas."""
+    return _median_ms([r.ms_per_token[BASE_LATENCY] for r in reports if BASE_LATENCY in r.ms_per_token])
 
 
 def adapter_statuses(resolved: list[AdapterResolution], reports: list[PodReport]) -> list[dict[str, Any]]:
@@ -674,17 +713,31 @@ def adapter_statuses(resolved: list[AdapterResolution], reports: list[PodReport]
             state, message = "Loaded", ""
         else:
             state, message = "Loading", f"loaded on {count}/{len(reports)} ready replicas"
-        out.append(
-            {
-                "name": r.name,
-                "source": r.uri or "",
-                "sha256": r.sha256 or "",
-                "state": state,
-                "loadedReplicas": count,
-                "reason": reason,
-                "message": message,
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": r.name,
+            "source": r.uri or "",
+            "sha256": r.sha256 or "",
+            "state": state,
+            "loadedReplicas": count,
+            "reason": reason,
+            "message": message,
+        }
+        # Left out while unknown: a null would be dropped by the apiserver and rewritten every pass.
+        serving_pods = [pod for pod in reports if r.uri is not None and pod.loaded.get(r.name) == r.uri]
+        for key, values in (
+            ("msPerToken", [pod.ms_per_token[r.name] for pod in serving_pods if r.name in pod.ms_per_token]),
+            (
+                "unmergedMsPerToken",
+                [
+                    pod.unmerged_ms_per_token[r.name]
+                    for pod in serving_pods
+                    if r.name in pod.unmerged_ms_per_token
+                ],
+            ),
+        ):
+            if (value := _median_ms(values)) is not None:
+                entry[key] = value
+        out.append(entry)
     return out
 
 

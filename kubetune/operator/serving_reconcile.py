@@ -94,6 +94,7 @@ def sync_pod(pod_ip: str, port: int, plan: Any, token: str | None) -> serving.Po
     """
     report = _call(pod_ip, port, "GET", "/v1/adapters", timeout=5)
     current = {a["name"]: (a["source"], a.get("sha256")) for a in report["adapters"]}
+    loaded_now = False
     states = {s["name"]: s for s in report.get("states") or []}
     desired = {a.name: a for a in plan.adapters}
     failures: dict[str, tuple[str, str]] = {}
@@ -119,6 +120,7 @@ def sync_pod(pod_ip: str, port: int, plan: Any, token: str | None) -> serving.Po
         try:
             loaded = _call(pod_ip, port, "POST", "/v1/load_lora_adapter", body, token=token)
             current[name] = (entry.uri, loaded.get("sha256") if isinstance(loaded, dict) else None)
+            loaded_now = True
         except (OSError, ValueError) as error:
             failures[name] = _error_details(error)
             logger.warning("adapter %s on %s: %s", name, pod_ip, failures[name][1])
@@ -127,14 +129,22 @@ def sync_pod(pod_ip: str, port: int, plan: Any, token: str | None) -> serving.Po
         for r in plan.routes
     ]
     routes = [r for r in routes if r["backends"]]
-    if routes == report.get("routes"):  # unchanged: a pass over a settled pod writes nothing
-        return serving.PodReport(loaded={n: src for n, (src, _) in current.items()}, failures=failures)
-    try:
-        _call(pod_ip, port, "PUT", "/v1/routes", {"routes": routes}, timeout=5, token=token)
-    except (OSError, ValueError) as error:
-        failures[ROUTES_KEY] = ("RoutesRejected", _error_message(error))
-        logger.warning("routes on %s: %s", pod_ip, failures[ROUTES_KEY][1])
-    return serving.PodReport(loaded={n: src for n, (src, _) in current.items()}, failures=failures)
+    if routes != report.get("routes"):  # unchanged: a pass over a settled pod writes nothing
+        try:
+            _call(pod_ip, port, "PUT", "/v1/routes", {"routes": routes}, timeout=5, token=token)
+        except (OSError, ValueError) as error:
+            failures[ROUTES_KEY] = ("RoutesRejected", _error_message(error))
+            logger.warning("routes on %s: %s", pod_ip, failures[ROUTES_KEY][1])
+    if loaded_now:
+        # Adapters loaded in this pass: their latency probes ran during the load calls.
+        report = _call(pod_ip, port, "GET", "/v1/adapters", timeout=5)
+    probed, unmerged = serving.pod_latencies(report)
+    return serving.PodReport(
+        loaded={n: src for n, (src, _) in current.items()},
+        failures=failures,
+        ms_per_token=probed,
+        unmerged_ms_per_token=unmerged,
+    )
 
 
 class Backoff:
@@ -462,6 +472,11 @@ def reconcile_adapterdeployment(
             "conditions": conditions,
             "adapters": adapters,
             "adaptersReady": f"{sum(a['state'] == 'Loaded' for a in adapters)}/{len(adapters)}",
+            **(
+                {"baseMsPerToken": base_ms}
+                if (base_ms := serving.base_ms_per_token(reports)) is not None
+                else {}
+            ),
             "endpoint": serving.endpoint(adep),
             **({"canaries": canaries} if canaries or previous_canaries else {}),
         }

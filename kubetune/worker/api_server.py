@@ -6,7 +6,8 @@ Endpoints: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions`
 /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (the vLLM/AIBrix hot-swap contract; any
 kubetune artifact format loads through them, not only LoRA; ``lora_path`` may be a URI; an optional
 ``sha256`` is the recorded hash of the artifact's ``kubetune.json``), ``PUT /v1/routes`` (replace the
-weighted aliases), ``GET /v1/adapters`` (every adapter's state), ``GET /health`` (liveness: the base
+weighted aliases), ``GET /v1/adapters`` (every adapter's state and decode latency per token, and the
+base's), ``GET /health`` (liveness: the base
 is loaded), ``GET /ready`` (every declared adapter has been tried) and ``GET /metrics`` (Prometheus).
 
 Requests are batched by :class:`~kubetune.worker.batching.Batcher`: 429 when its queue is full, 503
@@ -24,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -197,6 +200,31 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+class _DecodeLatency(Collector):
+    """``kubetune_serve_ms_per_token{model, measure}``: decode latency per token in milliseconds,
+    ``measure`` ``probe`` (one sequence alone, after the load), ``served`` (moving average over the
+    batches that served it) or ``unmerged_probe`` (mergeAdapter: the probe before merging)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kubetune_serve_ms_per_token",
+            "Decode latency per token, milliseconds, by served model and measure",
+            labels=["model", "measure"],
+        )
+        for name, latency in list(self.server.latency.items()):
+            for measure, value in (
+                ("probe", latency.probe_ms),
+                ("served", latency.served_ms),
+                ("unmerged_probe", latency.unmerged_probe_ms),
+            ):
+                if value is not None:
+                    family.add_metric([name, measure], value)
+        yield family
+
+
 def create_app(
     server: ModelServer,
     *,
@@ -257,6 +285,7 @@ def create_app(
         batch_seconds.labels(label).observe(seconds)
 
     batcher.observer = observe_batch
+    registry.register(_DecodeLatency(server))
     adapters_failed = Gauge("kubetune_serve_adapters_failed", "Adapters in state Failed", registry=registry)
     adapters_failed.set_function(lambda: sum(s.state == "Failed" for s in list(server.states.values())))
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubetune.worker.serving import ServingError
+from kubetune.worker.serving import ServingError, step_timer
 
 if TYPE_CHECKING:
     from kubetune.worker.serving import ModelServer
@@ -346,6 +346,7 @@ class Batcher:
         server = self.server
         rows = [_Row(r, i, server.decode) for r in requests for i in range(r.n)]
         started = time.monotonic()
+        timer = step_timer()
         try:
             server.generate_rows(
                 key,
@@ -353,7 +354,7 @@ class Batcher:
                 prompts=[row.request.prompt_ids for row in rows],
                 max_new_tokens=max(row.request.params.max_tokens for row in rows),
                 logits_processor=_row_sampler(rows, server.eos_ids),
-                stopping_criteria=_row_tracker(rows, server.eos_ids),
+                stopping_criteria=[timer, _row_tracker(rows, server.eos_ids)],
             )
         except ServingError as exc:
             for request in requests:
@@ -371,6 +372,8 @@ class Batcher:
             self.batch_sizes[len(rows)] += 1
             if self.observer is not None:
                 self.observer(len(rows), time.monotonic() - started, key)
+        if (ms := timer.ms_per_token()) is not None:
+            server.observe_decode({row.request.adapter for row in rows}, ms)
         for row in rows:
             if not row.finished:  # generate hit its own limit first
                 row._finish("length")

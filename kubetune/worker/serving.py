@@ -53,6 +53,79 @@ BASE_IN_MIXED_BATCH = "__base__"
 RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 
+#: Tokens the latency probe decodes after each load (and for the base at start-up), one sequence,
+#: greedy, EOS suppressed; the first token (the prompt's prefill) is not counted.
+PROBE_TOKENS = 8
+#: Weight of the newest batch in the served decode latency's moving average.
+SERVED_EWMA_WEIGHT = 0.2
+
+
+@dataclass
+class TokenLatency:
+    """Decode latency of one served model (an adapter or the base), milliseconds per token.
+
+    ``probe_ms``: the probe after its load, one sequence alone (comparable between adapters and
+    with the base); ``served_ms``: a moving average over the batches that served it (depends on the
+    batch sizes the traffic makes); ``unmerged_probe_ms``: with mergeAdapter, the same probe of the
+    adapter before it was merged.
+    """
+
+    probe_ms: float | None = None
+    served_ms: float | None = None
+    unmerged_probe_ms: float | None = None
+
+    def observe(self, ms: float) -> None:
+        previous = self.served_ms
+        self.served_ms = ms if previous is None else previous + SERVED_EWMA_WEIGHT * (ms - previous)
+
+    def describe(self) -> dict[str, float | None]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {
+            "ms_per_token": rounded(self.probe_ms),
+            "served_ms_per_token": rounded(self.served_ms),
+            "unmerged_ms_per_token": rounded(self.unmerged_probe_ms),
+        }
+
+
+def step_timer() -> Any:
+    """A stopping criterion that never stops and records the time of each decoding step;
+    ``ms_per_token()`` is the mean interval between steps after the first (which includes the
+    prompt's prefill), or None with fewer than two steps."""
+    from transformers import StoppingCriteria
+
+    class _StepTimer(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            import torch
+
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        def ms_per_token(self) -> float | None:
+            if len(self.times) < 2:
+                return None
+            return 1000 * (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+    return _StepTimer()
+
+
+def _no_eos(eos_ids: frozenset[int]) -> Any:
+    from transformers import LogitsProcessor
+
+    eos = sorted(eos_ids)
+
+    class _NoEos(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if eos:
+                scores[:, eos] = float("-inf")
+            return scores
+
+    return _NoEos()
+
 
 class ServingError(Exception):
     """A request or adapter operation that cannot be done.
@@ -210,6 +283,23 @@ def resolve_uri(
     return target
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading an adapter and restacking the LoRA weights free many tensors of a few hundred KiB, which
+    glibc keeps in its heap, where they fragment: without this a replica's resident memory grows by
+    several times the adapters' own size over a few loads (measured in benchmarks/serving.py memory).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
 def _manifest_sha256(directory: Path) -> str:
     return hashlib.sha256((directory / "kubetune.json").read_bytes()).hexdigest()
 
@@ -329,9 +419,11 @@ class ModelServer:
         adapter_roots: Sequence[str | Path] | None = None,
         trust_remote_code: bool = False,
         merge: bool = False,
+        probe_tokens: int = PROBE_TOKENS,
     ) -> None:
         """``merge``: serve one adapter merged into the base weights (mergeAdapter); the base is then
-        not served under its own name."""
+        not served under its own name. ``probe_tokens``: tokens of the decode-latency probe after
+        each load, 0 for none."""
         import torch
         from transformers import AutoTokenizer
 
@@ -376,6 +468,9 @@ class ModelServer:
         self._stopping = threading.Event()
         self.merge = merge
         self.merged: str | None = None  # the adapter whose weights are merged into self.base
+        self.probe_tokens = probe_tokens
+        #: Decode latency by served name (adapters and the base); see TokenLatency.
+        self.latency: dict[str, TokenLatency] = {}
 
     def _load_base(self) -> Any:
         from transformers import AutoModelForCausalLM
@@ -535,6 +630,8 @@ class ModelServer:
             with self._state_lock:
                 state.state, state.reason, state.message = "Loaded", "", ""
                 state.next_retry_at, state.changed_at = None, time.time()
+            self.probe(name)
+            release_freed_memory()
             return result
 
     def _load(self, name: str, source: str, sha256: str | None) -> LoadedAdapter:
@@ -654,8 +751,11 @@ class ModelServer:
             if self.merged is not None:  # the base holds another version's weights
                 self.adapters.pop(self.merged, None)
                 self.base, self.merged = self._load_base(), None
-            self.base = PeftModel.from_pretrained(self.base, directory).merge_and_unload().eval()
+            unmerged = PeftModel.from_pretrained(self.base, directory).eval()
+            unmerged_ms = self._probe_model(unmerged)
+            self.base = unmerged.merge_and_unload().eval()
             self.merged = name
+            self.latency[name] = TokenLatency(unmerged_probe_ms=unmerged_ms)
             loaded = LoadedAdapter(
                 name=name,
                 source=source,
@@ -673,6 +773,7 @@ class ModelServer:
 
     def _detach(self, name: str) -> None:
         loaded = self.adapters.pop(name)
+        self.latency.pop(name, None)
         self._attachments += 1
         if loaded.shared:
             self._lora_host.delete_adapter(name)
@@ -689,6 +790,7 @@ class ModelServer:
                     self._detach(name)
                 elif state is None:
                     raise UnknownModel(f"adapter {name!r} is not loaded")
+        release_freed_memory()
         for route in [r for r in self.routes.values() if any(a == name for a, _ in r.backends)]:
             logger.warning("route %s now names an unloaded adapter %s", route.name, name)
         logger.info("unloaded adapter %s", name)
@@ -702,10 +804,69 @@ class ModelServer:
                 with contextlib.suppress(ServingError):
                     self.load_adapter(state.name, state.source, sha256=state.expected_sha256)
 
+    # -- decode latency ---------------------------------------------------------------------------
+
+    def _probe_prompt(self) -> list[int]:
+        return self.encode("hello") or [self.pad_id]
+
+    def probe(self, name: str) -> float | None:
+        """Measure ``name``'s (an adapter's or the base's) decode latency, ms per token, one sequence
+        of ``probe_tokens`` tokens alone, as it is served; recorded in :attr:`latency`. A probe that
+        fails is logged and records nothing: it never fails a load."""
+        if self.probe_tokens <= 0:
+            return None
+        timer = step_timer()
+        try:
+            self.generate_rows(
+                self.batch_group(name),
+                adapters=[name],
+                prompts=[self._probe_prompt()],
+                max_new_tokens=self.probe_tokens + 1,
+                logits_processor=_no_eos(self.eos_ids),
+                stopping_criteria=timer,
+            )
+        except Exception as exc:  # a probe is a measurement; serving goes on without it
+            logger.warning("latency probe of %s failed: %s: %s", name, type(exc).__name__, exc)
+            return None
+        ms: float | None = timer.ms_per_token()
+        with self._state_lock:
+            self.latency.setdefault(name, TokenLatency()).probe_ms = ms
+        return ms
+
+    def _probe_model(self, model: Any) -> float | None:
+        """The probe of :meth:`probe` on a model that is not (yet) served: mergeAdapter's unmerged one."""
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        if self.probe_tokens <= 0:
+            return None
+        timer = step_timer()
+        prompt = torch.tensor([self._probe_prompt()], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=self.probe_tokens + 1,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList([_no_eos(self.eos_ids)]),
+                stopping_criteria=StoppingCriteriaList([timer]),
+            )
+        result: float | None = timer.ms_per_token()
+        return result
+
+    def observe_decode(self, names: set[str], ms_per_token: float) -> None:
+        """A batch that served ``names`` decoded at ``ms_per_token`` (the batcher calls this)."""
+        with self._state_lock:
+            for name in names:
+                if name in self.adapters or name == self.base_name:
+                    self.latency.setdefault(name, TokenLatency()).observe(ms_per_token)
+
     def start_background(self, interval_s: float = 1.0) -> None:
-        """Load the declared adapters, then retry failed ones, on a daemon thread."""
+        """Probe the base, load the declared adapters, then retry failed ones, on a daemon thread."""
 
         def loop() -> None:
+            self.probe(self.base_name)  # before any merge: the base's own weights
             self.load_declared()
             while not self._stopping.wait(interval_s):
                 self.retry_due()
@@ -784,7 +945,9 @@ class ModelServer:
         """The stacks of the mixable LoRA adapters now loaded (under ``model_lock``)."""
         if self._stacked is None or self._stacked[0] != self._attachments:
             names = sorted(a.name for a in self.adapters.values() if a.shared and a.mixable)
+            self._stacked = None  # the previous stacks go first
             self._stacked = (self._attachments, StackedLora.build(self._lora_host, names))
+            release_freed_memory()
         return self._stacked[1]
 
     def batch_group(self, adapter: str) -> Hashable:
@@ -813,8 +976,8 @@ class ModelServer:
     ) -> None:
         """One batched ``generate`` over ``prompts`` (left-padded), row ``i`` served by ``adapters[i]``.
 
-        Results reach the caller through ``stopping_criteria`` (which sees every token); the output
-        tensor itself is not needed.
+        Results reach the caller through ``stopping_criteria`` (one or a list; they see every token);
+        the output tensor itself is not needed.
         """
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -836,7 +999,9 @@ class ModelServer:
             "top_k": None,
             "pad_token_id": self.pad_id,
             "logits_processor": LogitsProcessorList([logits_processor]),
-            "stopping_criteria": StoppingCriteriaList([stopping_criteria]),
+            "stopping_criteria": StoppingCriteriaList(
+                stopping_criteria if isinstance(stopping_criteria, list) else [stopping_criteria]
+            ),
         }
         with self.model_lock, torch.inference_mode():
             for name in set(adapters):
@@ -894,11 +1059,14 @@ def describe(server: ModelServer) -> dict[str, Any]:
     ``attempts`` and ``retry_in_seconds``; ``ready``: what ``/ready`` answers.
     """
     ready, waiting = server.ready()
+    latency = dict(server.latency)
+    none = TokenLatency()
     return {
         "base": {
             "name": server.base_name,
             "path": str(server.base_path),
             "config_sha256": server.base_config_sha256,
+            **latency.get(server.base_name, none).describe(),
         },
         "adapters": [
             {
@@ -909,6 +1077,7 @@ def describe(server: ModelServer) -> dict[str, Any]:
                 "format": a.format,
                 "shared_base": a.kind != "own",
                 "state": "Loaded",
+                **latency.get(a.name, none).describe(),
             }
             for a in list(server.adapters.values())
         ],

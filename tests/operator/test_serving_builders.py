@@ -527,3 +527,39 @@ def test_polls_back_off_while_nothing_changes() -> None:
     assert [polls.passed("c", stepping, now=0) for _ in range(3)] == [5, 5, 5]
     polls.forget("u")
     assert polls.due("u", now=0)
+
+
+def test_decode_latency_in_status() -> None:
+    """A pod's /v1/adapters latency figures become adapters[].msPerToken (median over the replicas
+    serving that source), unmergedMsPerToken with mergeAdapter, and baseMsPerToken; unknown ones are
+    left out, never written as null."""
+    report = {
+        "base": {"name": "tiny", "ms_per_token": 2.0},
+        "adapters": [
+            {"name": "a", "ms_per_token": 3.0, "unmerged_ms_per_token": 4.5},
+            {"name": "b", "ms_per_token": None},
+        ],
+    }
+    probed, unmerged = serving.pod_latencies(report)
+    assert probed == {serving.BASE_LATENCY: 2.0, "a": 3.0} and unmerged == {"a": 4.5}
+    resolved = [
+        serving.AdapterResolution("a", "s3://a", "Resolved"),
+        serving.AdapterResolution("b", "s3://b", "Resolved"),
+    ]
+    loaded = {"a": "s3://a", "b": "s3://b"}
+    pods = [
+        serving.PodReport(loaded=loaded, ms_per_token=probed, unmerged_ms_per_token=unmerged),
+        serving.PodReport(loaded=loaded, ms_per_token={serving.BASE_LATENCY: 4.0, "a": 5.0}),
+        serving.PodReport(loaded={"b": "s3://b"}, ms_per_token={"a": 100.0}),  # serves another a
+    ]
+    statuses = {s["name"]: s for s in serving.adapter_statuses(resolved, pods)}
+    assert statuses["a"]["msPerToken"] == 4.0 and statuses["a"]["unmergedMsPerToken"] == 4.5
+    assert "msPerToken" not in statuses["b"] and "unmergedMsPerToken" not in statuses["b"]
+    assert serving.base_ms_per_token(pods) == 3.0
+    assert serving.base_ms_per_token([serving.PodReport()]) is None
+    AdapterDeployment.model_validate(
+        {
+            **_adep().model_dump(by_alias=True),
+            "status": {"adapters": list(statuses.values()), "baseMsPerToken": 3},
+        }
+    )
