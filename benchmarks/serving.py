@@ -563,6 +563,193 @@ def merge_run(
     return document
 
 
+# -- memory per method ------------------------------------------------------------------------
+
+#: The memory phase's base: the ``small`` Llama widened to ~90 M parameters (~350 MB in float32), so
+#: that its weights, not the Python and torch runtime (~0.5 GB of RSS), are what a copy would cost.
+MEMORY_MODEL = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+}
+#: One adapter per method, each method's defaults (what a FineTuneJob gets without settings).
+MEMORY_METHODS: dict[str, dict[str, Any]] = {
+    "lora": {"type": "lora"},
+    "ia3": {"type": "ia3"},
+    "prefix": {"type": "prefix"},
+    "bottleneck": {"type": "adapter"},
+}
+
+
+def memory_model(work_dir: Path, seed: int) -> Path:
+    from kubetune.worker.testing import make_tiny_model
+
+    directory = work_dir / f"model-memory-seed{seed}"
+    if not (directory / ".complete").is_file():
+        shutil.rmtree(directory, ignore_errors=True)
+        make_tiny_model(directory, size="small", seed=seed, config_overrides=MEMORY_MODEL)
+        (directory / ".complete").write_text("")
+    return directory
+
+
+def memory_adapter(model_dir: Path, work_dir: Path, method: str, count: int) -> list[Path]:
+    """``count`` copies of one trained ``method`` artifact (2 steps: the values do not matter for memory,
+    and each copy is loaded as its own adapter with its own tensors)."""
+    from kubetune.worker.engine import train
+    from kubetune.worker.plan import TrainingPlan
+    from kubetune.worker.testing import task_records, write_records
+
+    trained = work_dir / f"{model_dir.name}-{method}"
+    if not (trained / "kubetune.json").is_file():
+        shutil.rmtree(trained, ignore_errors=True)
+        data = write_records(work_dir / "memory.jsonl", task_records(32, seed=0))
+        plan = {
+            "name": f"memory-{method}",
+            "model": {"uri": str(model_dir)},
+            "dataset": {"uri": str(data), "eval_fraction": 0.0},
+            "method": MEMORY_METHODS[method],
+            "training": {
+                "max_steps": 2,
+                "batch_size": 4,
+                "max_seq_length": 32,
+                "gradient_checkpointing": False,
+                "checkpoint_every_steps": 0,
+            },
+            "output": {"uri": str(trained), "work_dir": str(work_dir / f".{trained.name}.work")},
+            "progress": {"port": 0, "termination_message_path": str(work_dir / f"{method}.termination")},
+        }
+        train(TrainingPlan.model_validate(plan))
+    copies = []
+    for index in range(count):
+        copy = work_dir / "memory-copies" / f"{method}-{index}"
+        if not (copy / "kubetune.json").is_file():
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(trained, copy)
+        copies.append(copy)
+    return copies
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def memory_run(
+    settings: Settings,
+    work_dir: Path,
+    results_dir: Path,
+    counts: Sequence[int] = (1, 4, 8),
+    name: str = "serving_memory",
+) -> dict[str, Any]:
+    """Replica memory (VmRSS of ``kubetune serve``) with N adapters of each method vs the bare base, and
+    for LoRA vs N merged copies (mergeAdapter serves one adapter per replica: N adapters merged are N
+    replicas, each measured as one ``--merge-adapter`` server).
+
+    Per method one server: bare (after one base request), then adapters loaded over the admin API up
+    to each N, and after each N one request per adapter, all at once (LoRA adapters then run as one
+    mixed batch, building the stacked weights), before reading RSS.
+    """
+    import httpx
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = memory_model(work_dir, settings.seed)
+    base_bytes = _directory_bytes(model_dir)
+    serve = [sys.executable, "-m", "kubetune", "serve", "--model", str(model_dir), "--device", "cpu"]
+    serve += ["--log-level", "warning"]
+    rows: list[dict[str, Any]] = []
+    for method in MEMORY_METHODS:
+        copies = memory_adapter(model_dir, work_dir, method, max(counts))
+        log = work_dir / f"memory-{method}.log"
+        with server(serve, settings.threads, log, "/ready") as (url, pid):
+            drive(url, [(model_dir.name, "a")], 1, 2)
+            bare = rss_bytes(pid)
+            loaded = 0
+            for count in counts:
+                while loaded < count:
+                    httpx.post(
+                        f"{url}/v1/load_lora_adapter",
+                        json={"lora_name": f"{method}-{loaded}", "lora_path": str(copies[loaded])},
+                        timeout=600,
+                    ).raise_for_status()
+                    loaded += 1
+                drive(url, [(f"{method}-{i}", "a") for i in range(count)], count, 2)
+                rss = rss_bytes(pid)
+                rows.append(
+                    {
+                        "method": method,
+                        "adapters": count,
+                        "rss_bare_bytes": bare,
+                        "rss_bytes": rss,
+                        "ratio_to_bare": rss / bare,
+                        "adapter_artifact_bytes": _directory_bytes(copies[0]),
+                    }
+                )
+                logger.info("%s x%d: %.0f MiB (bare %.0f MiB)", method, count, rss / 2**20, bare / 2**20)
+    lora = memory_adapter(model_dir, work_dir, "lora", 1)[0]
+    merged_command = [*serve, "--adapter", f"lora-0={lora}", "--merge-adapter"]
+    with server(merged_command, settings.threads, work_dir / "memory-merged.log", "/ready") as (url, pid):
+        drive(url, [("lora-0", "a")], 1, 2)
+        merged_rss = rss_bytes(pid)
+    for row in rows:
+        if row["method"] == "lora":
+            row["merged_copies_bytes"] = row["adapters"] * merged_rss
+            row["ratio_to_merged_copies"] = row["rss_bytes"] / row["merged_copies_bytes"]
+    env = environment(settings.threads)
+    load = os.getloadavg()
+    document = {
+        "benchmark": "serving_memory",
+        "settings": {"threads": settings.threads, "counts": list(counts), "seed": settings.seed},
+        "model": {**MEMORY_MODEL, "weights_bytes": base_bytes},
+        "methods": MEMORY_METHODS,
+        "environment": env,
+        "load_average": load,
+        "merged_replica_rss_bytes": merged_rss,
+        "rows": rows,
+    }
+    mib = 2**20
+    lines = [
+        "# Replica memory with N adapters per method (`kubetune serve`)\n",
+        f"Base: the `small` Llama widened to hidden {MEMORY_MODEL['hidden_size']}, "
+        f"{MEMORY_MODEL['num_hidden_layers']} layers ({base_bytes / mib:.0f} MiB on disk, float32), on "
+        f"CPU. One adapter per method with its default settings, trained 2 steps and loaded N times under "
+        f"different names over the admin API; after each N, one 2-token request per adapter, all at once. "
+        f"Memory is the server process's VmRSS; *bare* is the same server with the base only, after one "
+        f"request. N merged copies: N replicas of `kubetune serve --merge-adapter` (one adapter each), "
+        f"each measured at {merged_rss / mib:.0f} MiB. Commit `{env['git_commit']}`, "
+        f"{env['cpus_available']} CPUs available, {env['platform']}, {settings.threads} torch thread, "
+        f"load average {load[0]:.1f} at the end, measured {env['measured_at']}.\n",
+        markdown_table(
+            [
+                "method",
+                "adapters",
+                "RSS bare MiB",
+                "RSS MiB",
+                "vs bare",
+                "adapter on disk MiB",
+                "N merged copies MiB",
+                "vs N merged copies",
+            ],
+            [
+                [
+                    r["method"],
+                    r["adapters"],
+                    r["rss_bare_bytes"] / mib,
+                    r["rss_bytes"] / mib,
+                    r["ratio_to_bare"],
+                    r["adapter_artifact_bytes"] / mib,
+                    r["merged_copies_bytes"] / mib if "merged_copies_bytes" in r else "",
+                    r.get("ratio_to_merged_copies", ""),
+                ]
+                for r in rows
+            ],
+        ),
+        "Target: <= 1.1x the bare base for LoRA. A copy of the base per adapter (how IA3, prefix and "
+        f"bottleneck adapters were served before) would add about {base_bytes / mib:.0f} MiB per adapter.\n",
+    ]
+    write_results(name, document, "\n".join(lines), results_dir)
+    return document
+
+
 def run(settings: Settings, work_dir: Path, results_dir: Path, name: str = "serving") -> dict[str, Any]:
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(work_dir, size=settings.size, pretrain_steps=0, seed=settings.seed)
@@ -619,6 +806,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub.add_parser(
         "merge", help="only mergeAdapter's per-token latency, merged vs unmerged (results: serving_merge.*)"
     )
+    sub.add_parser(
+        "memory", help="only replica memory with 1, 4 and 8 adapters per method (results: serving_memory.*)"
+    )
     parser.add_argument("--size", choices=get_args(ModelSize), default=defaults.size)
     parser.add_argument("--adapters", type=int, default=defaults.adapters)
     parser.add_argument("--adapter-steps", type=int, default=defaults.adapter_steps)
@@ -662,6 +852,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             json.dumps({k: merged[k] for k in ("ms_per_token", "latency_saving", "load_average")}, indent=2)
         )
+        return 0
+    if args.command == "memory":
+        memory = memory_run(settings, args.work_dir, args.results_dir)
+        print(json.dumps(memory["rows"], indent=2))
         return 0
     document = run(settings, args.work_dir, args.results_dir, args.name)
     print(render_markdown(document))
