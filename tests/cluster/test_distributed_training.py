@@ -4,7 +4,8 @@ Aspects:
 - a LoRA and a full FineTuneJob each become an Indexed Job of two pods on two different Nodes, joined
   in one torchrun group through the headless Service, and Succeed with one artifact whose manifest
   says world size 2;
-- progress reaches the FineTuneJob's status while they run (only rank 0, index 0, serves it);
+- only rank 0 (index 0) serves progress (the operator reads it there), and the FineTuneJob's
+  status ends with the full step count;
 - deleting one worker pod mid-run stops the whole group at a checkpoint (SIGTERM: every rank saves,
   exits 143, not counted) and the Job's new pods resume it: the manifest's ``resumed_from_step`` is
   past the deletion's checkpoint and its step count is the full one;
@@ -15,6 +16,7 @@ Aspects:
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,13 @@ import pytest
 from kubernetes import client
 
 from kubetune.localcluster.testing import ClusterHandle, wait_for
+from kubetune.operator.render import PROGRESS_PORT
 from tests.fixtures import create_finetunejob, finetunejob, get_finetunejob, phase_is
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.torch]
 
 SECOND_NODE = "train-b"
-LORA_STEPS = 60
+LORA_STEPS = 40
 FULL_STEPS = 8
 #: See tests/worker/test_distributed_fsdp.py: two ranks average per-rank mean losses, one process
 #: takes the mean over the window's label tokens.
@@ -81,9 +84,19 @@ def _describe(cluster: ClusterHandle, namespace: str, name: str) -> str:
     return f"{get_finetunejob(cluster, namespace, name).get('status')}; pods {pods}"
 
 
-def _step(cluster: ClusterHandle, namespace: str, name: str) -> int:
-    status = get_finetunejob(cluster, namespace, name).get("status") or {}
-    return int((status.get("progress") or {}).get("step") or 0)
+def _checkpoints(work_dir: Path) -> list[int]:
+    found = (work_dir / "checkpoints").glob("step-*")
+    return sorted(int(p.name.removeprefix("step-")) for p in found if p.name.removeprefix("step-").isdigit())
+
+
+def _progress(pod_ip: str) -> dict[str, Any] | None:
+    """A pod's live progress report, or None when nothing serves it."""
+    try:
+        with urllib.request.urlopen(f"http://{pod_ip}:{PROGRESS_PORT}/progress", timeout=5) as response:
+            report: dict[str, Any] = json.loads(response.read())
+            return report
+    except OSError:
+        return None
 
 
 def _curve(manifest: dict[str, Any]) -> dict[int, float]:
@@ -104,19 +117,23 @@ def test_lora_and_full_train_across_two_nodes_and_resume_after_a_pod_is_deleted(
     lora = create_finetunejob(cluster, namespace, _group_job("group-lora", LORA_STEPS, lora_method))
     create_finetunejob(cluster, namespace, _group_job("group-full", FULL_STEPS, {"type": "full"}))
 
-    # Progress from rank 0, past a checkpoint and well before the end: delete index 1's pod.
+    # Past the first checkpoint, well before the end: only rank 0 (index 0) serves progress.
+    work_dir = claim_dir / "out" / ".kubetune-work-group-lora"
     wait_for(
-        lambda: 5 <= _step(cluster, namespace, "group-lora") < LORA_STEPS - 20,
+        lambda: _checkpoints(work_dir),
         600,
-        interval=0.5,
-        description=lambda: f"group-lora past step 5: {_describe(cluster, namespace, 'group-lora')}",
+        interval=0.1,
+        description=lambda: f"a checkpoint in {work_dir}: {_describe(cluster, namespace, 'group-lora')}",
     )
     core = client.CoreV1Api(cluster.api_client())
     first_pods = {_index(p): p for p in _pods(cluster, namespace, "group-lora")}
     assert {p.spec.node_name for p in first_pods.values()} == {
         n.metadata.name for n in core.list_node().items
     }
-    deleted_at = _step(cluster, namespace, "group-lora")
+    report = _progress(first_pods["0"].status.pod_ip)
+    assert report is not None and report["world_size"] == 2 and report["step"] >= 1, report
+    assert _progress(first_pods["1"].status.pod_ip) is None
+    deleted_at = _checkpoints(work_dir)[-1]
     core.delete_namespaced_pod(first_pods["1"].metadata.name, namespace)
 
     def ended(name: str) -> dict[str, Any] | None:
@@ -144,6 +161,7 @@ def test_lora_and_full_train_across_two_nodes_and_resume_after_a_pod_is_deleted(
         assert len({p.spec.node_name for p in succeeded}) == 2
         status = get_finetunejob(cluster, namespace, name)["status"]
         assert status["result"]["sha256"], status
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] == steps, status
     assert (claim_dir / "out" / "group-full" / "model.safetensors").is_file()
 
     # The group stopped at a checkpoint past the step seen at deletion and resumed from it.
