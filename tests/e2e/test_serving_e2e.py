@@ -16,7 +16,9 @@ Aspects:
   PodDisruptionBudget that keeps all but one replica;
 - ``mergeAdapter``: the one adapter is served merged into the base, which is no longer listed;
 - a route's canary is stepped (50%, 100%) by the operator from the pod's counters while requests
-  flow through the Service, then promoted: all requests on the new adapter, Events for each step.
+  flow through the Service, then promoted: all requests on the new adapter, Events for each step;
+  the next version, whose mean latency breaks its bound, is rolled back at its first step: all
+  requests on the promoted one again, the Canary condition and a Warning Event say why.
 """
 
 from __future__ import annotations
@@ -319,7 +321,7 @@ def test_merge_adapter_serves_the_adapter_merged(
     )
 
 
-def test_canary_is_promoted_step_by_step(
+def test_canary_is_promoted_step_by_step_and_a_slow_one_rolled_back(
     cluster: ClusterHandle, namespace: str, operator: Path, claim_dir: Path
 ) -> None:
     import httpx
@@ -397,3 +399,58 @@ def test_canary_is_promoted_step_by_step(
         .items
     }
     assert {"CanaryStarted", "CanaryStepped", "CanaryPromoted"} <= reasons, reasons
+
+    # The next version, v3 (v1's artifact under a new name), with a mean-latency bound no request
+    # meets: rolled back at its first step, from the counters of the requests it served.
+    shutil.copytree(claim_dir / "adapters" / "v1", claim_dir / "adapters" / "v3")
+    for path in [claim_dir / "adapters" / "v3", *(claim_dir / "adapters" / "v3").rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    slow = {"adapter": "v3", "steps": [50, 100], "stepSeconds": 2, "minRequests": 3}
+    spec = {
+        "adapters": [*body["spec"]["adapters"], {"name": "v3", "uri": "pvc://data/adapters/v3"}],
+        "routes": [
+            {
+                "name": "support",
+                "backends": [{"adapter": "v2", "weight": 1}, {"adapter": "v3", "weight": 1}],
+                "canary": {**slow, "maxMeanLatencySeconds": 0.000001},
+            }
+        ],
+    }
+    _objects(cluster).patch_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, "adapterdeployments", NAME, {"spec": spec}
+    )
+    served: set[str] = set()
+
+    def rolled_back() -> dict[str, Any] | None:
+        answer = httpx.post(
+            f"{url}/completions", json={"model": "support", "prompt": PROMPT, "max_tokens": 1}, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        served.add(answer.headers["x-kubetune-adapter"])
+        canary = (_status(cluster, namespace).get("canaries") or [{}])[0]
+        return canary if (canary.get("adapter"), canary.get("state")) == ("v3", "RolledBack") else None
+
+    canary = wait_for(
+        rolled_back, 300, interval=0.2, description=lambda: json.dumps(_status(cluster, namespace))
+    )
+    assert "v3" in served, served  # it did get its share before the rollback
+    assert canary["weight"] == 0 and canary["step"] == 0, canary
+    assert "rolled back at 50%" in canary["message"] and "mean latency above" in canary["message"]
+    status = _status(cluster, namespace)
+    condition = _condition(status, "Canary")
+    assert (condition["reason"], condition["status"]) == ("CanaryRolledBack", "False"), condition
+    assert "v3 at 0%" in condition["message"] and status["phase"] == "Ready"
+    for _ in range(5):
+        answer = httpx.post(
+            f"{url}/completions", json={"model": "support", "prompt": PROMPT, "max_tokens": 1}, timeout=60
+        )
+        assert answer.headers["x-kubetune-adapter"] == "v2"
+    rollbacks = [
+        e
+        for e in _core(cluster)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}")
+        .items
+        if e.reason == "CanaryRolledBack" and e.type == "Warning"
+    ]
+    assert len(rollbacks) == 1, rollbacks
+    assert "v3 rolled back at 50%" in rollbacks[0].message and "mean latency above" in rollbacks[0].message
