@@ -51,5 +51,18 @@ def _defer_heavy_optional_imports() -> None:
         sys.meta_path.insert(0, _DeferredImport())
 
 
+def skip_bitsandbytes() -> None:
+    """For a process that will quantize nothing: make bitsandbytes look absent.
+
+    Deferring it is not enough for LoRA: for every layer it injects, peft checks ``find_spec`` and then
+    ``isinstance`` against bitsandbytes' layer classes, which loads the module anyway. peft caches that
+    check per process, so only a process that runs one known plan (``kubetune train``) may decide this;
+    in-process callers never do.
+    """
+    module = sys.modules.get("bitsandbytes")
+    if module is None or type(module).__name__ == "_LazyModule":  # absent, or not executed yet
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 _defer_heavy_optional_imports()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -18,11 +18,13 @@ import.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import traceback
 
+from kubetune.worker import skip_bitsandbytes
 from kubetune.worker.errors import KubetuneError, PlanInvalid, write_termination_message
 from kubetune.worker.plan import PLAN_ENV_VAR, TrainingPlan, load_plan
 
@@ -80,6 +82,23 @@ def preflight(plan: TrainingPlan) -> None:
         sources.resolve_model(plan.model.uri, plan.model.revision, plan.model.token_env, plan.storage)
 
 
+def _quantizes(plan: TrainingPlan) -> bool:
+    """Whether this run may need bitsandbytes: QLoRA, or a base whose config names a quantization
+    (also when the config cannot be read here: a remote model is checked once downloaded)."""
+    from kubetune.worker import sources
+
+    if plan.method.type == "qlora":
+        return True
+    local = sources.local_path(plan.model.uri, plan.storage)
+    if local is None:
+        return True
+    try:
+        config = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not isinstance(config, dict) or "quantization_config" in config
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(
@@ -113,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         plan = _read_plan(args)
         termination_path = termination_path or plan.progress.termination_message_path
         preflight(plan)
+        if not _quantizes(plan):
+            skip_bitsandbytes()
         from kubetune.worker.engine import configure_threads, train  # torch is imported only here
 
         # The process, not the library, owns the thread pool: in-process callers keep their settings.
