@@ -4,7 +4,7 @@
 Aspects:
 - isolation: with two good adapters and one whose weights were tampered with, the deployment turns
   Ready serving the two good ones; the corrupt one is ``Failed`` with its reason (HashMismatch) in
-  ``status.adapters``, the Degraded condition names it, a Warning Event says so, and the serving
+  ``status.adapters``, the Degraded condition names it, one Warning Event says so, and the serving
   container never restarts;
 - auth: the operator creates the admin-token Secret (owned by the AdapterDeployment), the pods
   require it: a load call without it gets 401 in OpenAI's shape, directly and through the Service,
@@ -145,22 +145,20 @@ def test_corrupt_adapter_is_isolated_and_the_admin_api_needs_the_token(
     assert (degraded["status"], degraded["reason"]) == ("True", "AdapterFailed"), degraded
     assert "corrupt: HashMismatch" in degraded["message"]
     assert status["phase"] == "Degraded"
+    # The runtime's decode-latency probes, per loaded adapter and for the base (kubetune compare).
+    assert adapters["good-a"]["msPerToken"] > 0 and adapters["good-b"]["msPerToken"] > 0, adapters
+    assert "msPerToken" not in adapters["corrupt"] and status["baseMsPerToken"] > 0, status
 
     def warnings() -> list[str]:
         found = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
         return sorted(e.message for e in found if e.reason == "AdapterFailed" and e.type == "Warning")
 
-    # One for the Degraded condition turning True, one for the adapter (sorted: D < a).
-    condition_event, adapter_event = wait_for(
-        lambda: len(warnings()) == 2 and warnings(), 60, interval=1, description="the AdapterFailed Events"
-    )
-    assert adapter_event.startswith("adapter corrupt (pvc://data/adapters/corrupt): HashMismatch"), (
-        adapter_event
-    )
+    # One Event for the first failure: the Degraded condition turning True, which names the adapter.
+    (condition_event,) = wait_for(lambda: warnings(), 60, interval=1, description="the AdapterFailed Event")
     assert condition_event.startswith("Degraded is True: corrupt: HashMismatch"), condition_event
     # The pod keeps retrying it with backoff (5 s, 10 s...): no new Event, no flapping status.
     time.sleep(12)
-    assert warnings() == [condition_event, adapter_event], warnings()
+    assert warnings() == [condition_event], warnings()
     again = _status(cluster, namespace)
     assert ({a["name"]: a["state"] for a in again["adapters"]}["corrupt"], again["phase"]) == (
         "Failed",
