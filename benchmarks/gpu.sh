@@ -19,6 +19,10 @@
 #             tokenizers, pydantic, fsspec, prometheus-client (kubetune's worker imports them)
 #   optional  bitsandbytes (QLoRA), trl + datasets (the TRL baseline), liger-kernel (the Liger runs);
 #             each missing one skips its runs, and the results say so
+#   e.g. this workplace's H200 image (Python 3.12; package list of 2026-11-17) has torch, transformers,
+#   peft, accelerate, fsspec and prometheus-client, but not pydantic (nor pydantic-core,
+#   annotated-types, typing-inspection), bitsandbytes, trl, datasets or liger-kernel: carry those as
+#   cp312 manylinux wheels in .whl/
 # Python: $PYTHON if set, else .venv/bin/python if it sees a GPU, else python3.
 # Offline machines: wheels for what is missing, put in $KUBETUNE_GPU_WHEELS (default: .whl/ in the
 # repository), are installed into a temporary directory first (pip --no-index --no-deps); nothing
