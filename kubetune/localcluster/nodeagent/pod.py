@@ -9,7 +9,6 @@ when it differs from what was last sent.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import urllib3
 
 from kubetune.localcluster import network, procs
 from kubetune.localcluster.kubeapi import ApiError
@@ -636,14 +637,30 @@ class PodWorker(threading.Thread):
         if self.terminal_phase is None and any(c.started_at for c in self.containers):
             codes = [c.state.get("terminated", {}).get("exitCode", 0) for c in self.containers if not c.init]
             self.terminal_phase = "Succeeded" if not any(codes) else "Failed"
-        self._publish_status()
-        with contextlib.suppress(ApiError):
+        # As kubelet does, the final status and the release are retried while the apiserver is away
+        # (restarted, overloaded): a pod left Terminating would never get its Job a replacement.
+        delay = 0.5
+        while not (self._publish_status() and self._release()):
+            if self.gone or self.agent.stopping.is_set():
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _release(self) -> bool:
+        """Delete the pod object; False when the apiserver could not be reached (retry)."""
+        try:
             # Grace 0 tells the apiserver the node is done with the pod; the UID precondition
             # keeps a same-named successor from being deleted by mistake.
             self.agent.api.delete(
                 f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}",
                 {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}},
             )
+        except ApiError as exc:
+            return not _transient(exc)
+        except urllib3.exceptions.HTTPError as exc:
+            log.warning("pod %s/%s: release failed, retrying: %s", self.namespace, self.pod_name, exc)
+            return False
+        return True
 
     # -- status --------------------------------------------------------------------------------
 
@@ -684,9 +701,10 @@ class PodWorker(threading.Thread):
             return "Running"
         return "Pending"
 
-    def _publish_status(self) -> None:
+    def _publish_status(self) -> bool:
+        """Report the pod's status; False when it did not reach the apiserver and is worth retrying."""
         if self.gone:
-            return
+            return True
         apps = [c for c in self.containers if not c.init]
         phase = self._phase()
         if phase in ("Succeeded", "Failed"):
@@ -717,7 +735,7 @@ class PodWorker(threading.Thread):
             status["podIPs"] = [{"ip": self.reported_ip}]
         comparable = json.dumps(status, sort_keys=True)
         if comparable == self.last_status:
-            return
+            return True
         try:
             updated = self.agent.api.merge_patch(
                 f"/api/v1/namespaces/{self.namespace}/pods/{self.pod_name}/status", {"status": status}
@@ -725,9 +743,19 @@ class PodWorker(threading.Thread):
         except ApiError as exc:
             if exc.status == 404:
                 self.gone = True
-                return
+                return True
             log.warning("pod %s/%s: status update failed: %s", self.namespace, self.pod_name, exc)
-            return
+            return not _transient(exc)
+        except urllib3.exceptions.HTTPError as exc:
+            # The apiserver is unreachable: the next pass sends the status again.
+            log.warning("pod %s/%s: status update failed: %s", self.namespace, self.pod_name, exc)
+            return False
         self.last_status = comparable
         if updated.get("metadata", {}).get("uid") == self.uid:
             self.pod = updated
+        return True
+
+
+def _transient(exc: ApiError) -> bool:
+    """An answer worth retrying: the apiserver overloaded, timing out or not ready yet."""
+    return exc.status == 429 or exc.status >= 500
