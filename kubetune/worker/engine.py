@@ -86,14 +86,27 @@ class Distributed:
             torch_dist.barrier()
 
 
-def cpu_budget() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
+def cpu_budget(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the affinity mask, capped by the CPU quota of its cgroup (a pod's
+    limit), read from cgroup v2 (``cpu.max``) or, on nodes still on cgroup v1, from the cpu
+    controller (``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; -1 means no quota)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota: str | None = None
+    period: str | None = None
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
+        for controller in ("cpu", "cpu,cpuacct"):
+            try:
+                quota = (cgroup_root / controller / "cpu.cfs_quota_us").read_text().strip()
+                period = (cgroup_root / controller / "cpu.cfs_period_us").read_text().strip()
+                break
+            except OSError:
+                continue
+    try:
+        if quota is not None and period is not None and quota not in ("max", "-1"):
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except ValueError:
         pass
     return max(1, cpus)
 

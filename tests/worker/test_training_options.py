@@ -15,6 +15,7 @@ Aspects:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,27 @@ def test_thread_sizing(monkeypatch: pytest.MonkeyPatch) -> None:
         assert engine.configure_threads(local_world_size=1) == 3
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_budget_reads_the_quota_of_cgroup_v2_and_v1(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    """A pod's CPU limit caps the threads on both cgroup versions (this CI host is on v1)."""
+    from kubetune.worker import engine
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    unlimited = len(os.sched_getaffinity(0))
+    assert engine.cpu_budget(tmp_path) == (min(unlimited, expected) if expected else unlimited)
