@@ -109,7 +109,11 @@ def reap_stale(run_dir: Path) -> list[Path]:
         return reaped
     for state_dir in run_dir.iterdir():
         owner = read_record(state_dir / "owner")
-        if owner is None and time.time() - state_dir.stat().st_mtime < _OWNERLESS_GRACE_S:
+        try:
+            age = time.time() - state_dir.stat().st_mtime
+        except FileNotFoundError:
+            continue  # another process reaped it meanwhile (two clusters starting at once)
+        if owner is None and age < _OWNERLESS_GRACE_S:
             continue  # a cluster that is starting right now and has not written its owner yet
         if state_dir.is_dir() and (owner is None or not alive(*owner)):
             cleanup_state(state_dir)

@@ -24,7 +24,8 @@ from kubetune.localcluster.pytest_plugin import fresh_namespace
 from kubetune.localcluster.testing import ClusterHandle, condition_status, wait_for
 from tests.cluster import manifests
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# One xdist worker starts the Kueue cluster for both Kueue test modules.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.xdist_group("kueue-cluster")]
 
 GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -26,7 +26,13 @@ from kubetune.localcluster.testing import ClusterHandle, wait_for
 from tests.cluster.test_kueue import GROUP, QUEUE_LABEL, VERSION, kueue_object
 from tests.fixtures import create_finetunejob, finetunejob, get_finetunejob, phase_is
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.torch]
+# One xdist worker starts the Kueue cluster for both Kueue test modules.
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.torch,
+    pytest.mark.xdist_group("kueue-cluster"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,48 +87,56 @@ def test_second_finetunejob_waits_in_the_queue_then_runs(
         held = _conditions(obj).get("Suspended") or {}
         return obj if held.get("status") == "True" and held.get("reason") == "Queued" else None
 
-    wait_for(
-        lambda: phase_is(cluster, namespace, "first", "Running"),
+    def admitted_and_held() -> tuple[str, str, dict[str, Any]] | None:
+        # Kueue admits whichever Workload it sees first; on a quiet machine that can be "second".
+        for running, waiting in (("first", "second"), ("second", "first")):
+            held = queued(waiting)
+            if held is not None and phase_is(cluster, namespace, running, "Running", "Succeeded"):
+                return running, waiting, held
+        return None
+
+    found = wait_for(
+        admitted_and_held,
         180,
-        description=lambda: f"first Running: {get_finetunejob(cluster, namespace, 'first').get('status')}",
+        description=lambda: (
+            "one Running and the other Queued: "
+            + str({n: get_finetunejob(cluster, namespace, n).get("status") for n in ("first", "second")})
+        ),
     )
-    # Whichever Kueue admitted first, the other waits; the operator's "first" is created first.
-    waiting = wait_for(
-        lambda: queued("second"),
-        120,
-        description=lambda: f"second Queued: {get_finetunejob(cluster, namespace, 'second').get('status')}",
-    )
+    running, waiting_name, waiting = found
     assert waiting["status"]["phase"] == "Suspended"
     assert "queue" in _conditions(waiting)["Suspended"]["message"]
-    held = job("second")
+    held = job(waiting_name)
     assert held.metadata.labels[QUEUE_LABEL] == "team" and held.spec.suspend is True
     assert not core.list_namespaced_pod(
-        namespace, label_selector="batch.kubernetes.io/job-name=second-train"
+        namespace, label_selector=f"batch.kubernetes.io/job-name={waiting_name}-train"
     ).items
-    assert job("first").spec.suspend is False
+    assert job(running).spec.suspend is False
 
     done = wait_for(
-        lambda: phase_is(cluster, namespace, "first", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, running, "Succeeded", "Failed"),
         600,
         interval=1,
-        description=lambda: f"first to end: {get_finetunejob(cluster, namespace, 'first').get('status')}",
+        description=lambda: f"{running} to end: {get_finetunejob(cluster, namespace, running).get('status')}",
     )
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    # Until Kueue admits it, the second Job has stayed suspended: never resumed by the operator.
-    assert queued("second") is not None or job("second").status.start_time is not None
+    # Until Kueue admits it, the held Job has stayed suspended: never resumed by the operator.
+    assert queued(waiting_name) is not None or job(waiting_name).status.start_time is not None
     finished = wait_for(
-        lambda: phase_is(cluster, namespace, "second", "Succeeded", "Failed"),
+        lambda: phase_is(cluster, namespace, waiting_name, "Succeeded", "Failed"),
         600,
         interval=1,
-        description=lambda: f"second to end: {get_finetunejob(cluster, namespace, 'second').get('status')}",
+        description=lambda: (
+            f"{waiting_name} to end: {get_finetunejob(cluster, namespace, waiting_name).get('status')}"
+        ),
     )
     assert finished["status"]["phase"] == "Succeeded", finished["status"]
-    first_done = batch.read_namespaced_job_status("first-train", namespace).status.completion_time
-    assert job("second").status.start_time >= first_done
+    first_done = batch.read_namespaced_job_status(f"{running}-train", namespace).status.completion_time
+    assert job(waiting_name).status.start_time >= first_done
     # Only Kueue (its webhook and controller) changed spec.suspend after the operator's creating apply.
     writers = {
         entry.manager
-        for entry in job("second").metadata.managed_fields or []
+        for entry in job(waiting_name).metadata.managed_fields or []
         if "f:suspend" in str((entry.fields_v1 or {}).get("f:spec", {}))
     }
     assert "kubetune-suspend" not in writers, writers

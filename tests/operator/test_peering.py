@@ -143,4 +143,15 @@ def test_the_higher_priority_replica_works_and_a_kill_hands_over(
 
     assert _created(low, "after-train") and _active(low)
     assert not _created(low, "before-train"), "the first FineTuneJob's Job was created twice"
-    assert "Traceback" not in low.text(), low.text()[-3000:]
+    assert not _tracebacks(low.text()), _tracebacks(low.text())
+
+
+#: kopf's own watch-cancel callback (``kopf/_cogs/clients/api.py``, ``request_cancel_callback``) can fail
+#: an assertion when peering pauses a stream; asyncio logs it, kopf carries on, and it is not ours.
+_KOPF_CANCEL_NOISE = "Exception in callback stream.<locals>.request_cancel_callback"
+
+
+def _tracebacks(text: str) -> list[str]:
+    """The log records (a timestamped line and what follows it) that hold a traceback, but kopf's noise."""
+    records = re.split(r"\n(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text)
+    return [r for r in records if "Traceback" in r and _KOPF_CANCEL_NOISE not in r]

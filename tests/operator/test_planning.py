@@ -80,8 +80,15 @@ def test_an_infeasible_job_gets_no_worker_and_a_feasible_one_shows_its_plan(
         60,
         description="the skipped job's worker Job",
     )
-    events = client.CoreV1Api(cluster.api_client()).list_namespaced_event(namespace).items
-    assert any(e.reason == "FeasibilityCheckSkipped" and e.involved_object.name == "too-big" for e in events)
+    # The Event is posted after the pass's writes, so it may trail the Job by a moment.
+    wait_for(
+        lambda: any(
+            e.reason == "FeasibilityCheckSkipped" and e.involved_object.name == "too-big"
+            for e in client.CoreV1Api(cluster.api_client()).list_namespaced_event(namespace).items
+        ),
+        30,
+        description="the FeasibilityCheckSkipped Event",
+    )
 
     fits = finetunejob(
         "fits",
