@@ -255,12 +255,10 @@ def _run_baseline(job: dict[str, Any], work: Path) -> dict[str, Any]:
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
-    from benchmarks.plain_trainer import LLAMA_LORA_TARGETS, read_texts, real_tokens, tokenize
+    from benchmarks.plain_trainer import LLAMA_LORA_TARGETS, instrumented_trainer, read_texts, tokenize
 
     cuda = job["device"] == "cuda"
     method = job["method"]
@@ -293,28 +291,7 @@ def _run_baseline(job: dict[str, Any], work: Path) -> dict[str, Any]:
                 target_modules=LLAMA_LORA_TARGETS, bias="none",
             ),
         )  # fmt: skip
-    counted = {"real_tokens": 0}
-    trainer_class: Any = Trainer
-    if job["side"] == "trl":
-        from trl import SFTTrainer
-
-        trainer_class = SFTTrainer
-
-    class CountingTrainer(trainer_class):
-        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            counted["real_tokens"] += real_tokens(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock["begin"] = time.monotonic()
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            if cuda:
-                torch.cuda.synchronize()
-            clock["end"] = time.monotonic()
+    CountingTrainer, Clock, counted, clock = instrumented_trainer(trl=job["side"] == "trl", cuda_sync=cuda)
 
     common: dict[str, Any] = dict(
         output_dir=str(work / "trainer"),

@@ -63,6 +63,38 @@ def real_tokens(inputs: dict[str, Any]) -> int:
     return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
 
+def instrumented_trainer(*, trl: bool, cuda_sync: bool) -> tuple[Any, Any, dict[str, int], dict[str, float]]:
+    """A ``Trainer`` (or TRL ``SFTTrainer``) subclass that counts the real tokens of every batch, and a
+    callback that times training; both report into the two dicts returned with them."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    counted = {"real_tokens": 0}
+    trainer_class: Any = Trainer
+    if trl:
+        from trl import SFTTrainer
+
+        trainer_class = SFTTrainer
+
+    class CountingTrainer(trainer_class):
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            counted["real_tokens"] += real_tokens(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            clock["begin"] = time.monotonic()
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            if cuda_sync:
+                torch.cuda.synchronize()  # queued GPU work belongs to the timed run
+            clock["end"] = time.monotonic()
+
+    return CountingTrainer, Clock, counted, clock
+
+
 def train(config: dict[str, Any]) -> dict[str, Any]:
     """Train as configured; returns real tokens, loop seconds and tokens/s.
 
@@ -79,8 +111,6 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -101,26 +131,9 @@ def train(config: dict[str, Any]) -> dict[str, Any]:
     )
     model = get_peft_model(base, lora)
 
-    counted = {"real_tokens": 0}
-    trainer_class: Any = Trainer
-    if strategy == "trl-packed":
-        from trl import SFTTrainer
-
-        trainer_class = SFTTrainer
-
-    class CountingTrainer(trainer_class):
-        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            counted["real_tokens"] += real_tokens(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    clock: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            clock["begin"] = time.monotonic()
-
-        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            clock["end"] = time.monotonic()
+    CountingTrainer, Clock, counted, clock = instrumented_trainer(
+        trl=strategy == "trl-packed", cuda_sync=False
+    )
 
     common: dict[str, Any] = dict(
         output_dir=config["output_dir"],
