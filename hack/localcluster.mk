@@ -3,8 +3,9 @@
 # cluster-build compiles kube-apiserver, kube-controller-manager, kube-scheduler, etcd and
 # helm from the Go module proxy into $(KUBETUNE_CACHE) (default ~/.cache/kubetune); the
 # script is a no-op once they are cached, so it runs before every `make test`.
-# kueue-build compiles Kueue's controller the same way; only tests/cluster/test_kueue.py
-# needs it (the test builds it on first use when it is missing).
+# kueue-build compiles Kueue's controller the same way, for the tests that run Kueue
+# (tests/cluster/test_kueue*.py); `make test` builds it first and fails those tests, rather
+# than skip them, if it is missing.
 
 .PHONY: cluster-build kueue-build cluster-up cluster-down cluster-env
 
@@ -35,4 +36,5 @@ cluster-env: cluster-build
 	@echo "export KUBECONFIG=$$($(PY) -m kubetune.localcluster status --name $(CLUSTER_NAME))"
 	@echo "export PATH=$$(dirname $(HELM)):$(CURDIR)/$(VENV)/bin:\$$PATH"
 
-TEST_PREREQS += cluster-build
+TEST_PREREQS += cluster-build kueue-build
+export KUBETUNE_REQUIRE_KUEUE := 1

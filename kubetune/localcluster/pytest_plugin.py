@@ -7,8 +7,9 @@
 * ``namespace`` (function): a fresh namespace (its ``default`` ServiceAccount already
   exists, so pods can be created at once), deleted after the test without waiting.
 * ``kueue_cluster`` (session): a second embedded cluster that also runs Kueue (its controller
-  and webhooks, built by ``make kueue-build``; skipped when it is not built); only the tests
-  that ask for it start it. With ``KUBECONFIG`` set, that cluster, if it has Kueue's CRDs.
+  and webhooks, built by ``make kueue-build``; skipped when it is not built, failed instead
+  with ``KUBETUNE_REQUIRE_KUEUE=1``, as ``make test`` sets); only the tests that ask for it
+  start it. With ``KUBECONFIG`` set, that cluster, if it has Kueue's CRDs.
 
 Set ``KUBETUNE_SKIP_CLUSTER=1`` to skip cluster tests instead of failing when no cluster can
 be started (not root, binaries not built).
@@ -46,8 +47,9 @@ def cluster() -> Iterator[ClusterHandle]:
 def session_cluster(runtime: str, *, kueue: bool = False) -> Iterator[ClusterHandle]:
     """The body of a session ``cluster`` fixture: ``KUBECONFIG``'s cluster when set, else an
     embedded one whose node runs containers with ``runtime`` (``process`` or ``podman``), with
-    Kueue when ``kueue``. A Kueue that is not built skips the tests (``make kueue-build``: a cold
-    build takes the better part of an hour on two busy cores, too long to start inside a test).
+    Kueue when ``kueue``. A Kueue that is not built skips the tests, or fails them with
+    ``KUBETUNE_REQUIRE_KUEUE=1``: ``make test`` builds it first (``make kueue-build``), since a
+    cold build takes minutes, too long to start inside a test.
 
     A conftest that needs real containers overrides ``cluster`` with
     ``yield from session_cluster(runtime="podman")``.
@@ -71,6 +73,8 @@ def session_cluster(runtime: str, *, kueue: bool = False) -> Iterator[ClusterHan
         try:
             find_kueue()
         except BinariesMissing as exc:
+            if os.environ.get("KUBETUNE_REQUIRE_KUEUE") == "1":
+                pytest.fail(f"Kueue is not built (KUBETUNE_REQUIRE_KUEUE=1): {exc}", pytrace=False)
             pytest.skip(f"Kueue is not built: {exc}")
     try:
         local.start()

@@ -8,6 +8,7 @@ local node agent (:meth:`ClusterHandle.add_node`, log files) say so when unavail
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -180,6 +181,31 @@ class ClusterHandle:
         obj = core.read_namespaced_pod(pod, namespace)
         return read_container_log(self.local, obj.to_dict(), container, previous=previous)
 
+    def describe(self, namespace: str, *, log_lines: int = 40) -> str:
+        """What a failed wait needs to explain itself: the namespace's pods (phase, each
+        container's state and restarts), its newest events and, on the local cluster, the end of
+        every node agent's log. Never raises: it is called while reporting another failure."""
+        lines: list[str] = []
+        try:
+            pods = self.kubectl("get", "pods", "-n", namespace, "-o", "json", check=False).stdout
+            for pod in json.loads(pods or "{}").get("items", []):
+                status = pod.get("status") or {}
+                lines.append(
+                    f"pod {pod['metadata']['name']}: {status.get('phase')} {status.get('message') or ''}"
+                )
+                for container in status.get("containerStatuses") or []:
+                    state = json.dumps(container.get("state"), sort_keys=True)
+                    lines.append(f"  {container['name']}: restarts={container.get('restartCount')} {state}")
+            events = self.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False)
+            lines += ["events:", *events.stdout.splitlines()[-20:]]
+        except Exception as error:  # a report must not hide the failure it explains
+            lines.append(f"(could not read the namespace: {error})")
+        if self.local is not None:
+            for log in sorted((self.local.state_dir / "logs").glob("node-*.log")):
+                tail = log.read_text(errors="replace").splitlines()[-log_lines:]
+                lines += [f"{log.name} (last {len(tail)} lines):", *tail]
+        return "\n".join(lines)
+
     def restart_apiserver(self, down_s: float = 0.0) -> float:
         """Stop the apiserver, keep it down ``down_s`` seconds, start it again and wait until it
         is ready; returns the seconds it was unreachable. Every watch on it breaks. Only on the
@@ -215,7 +241,11 @@ def read_container_log(
     """Read a container's log file on the local cluster (latest run, or the one before)."""
     meta, spec = pod["metadata"], pod["spec"]
     container = container or spec["containers"][0]["name"]
-    pod_dir = cluster.node_dir(spec["node_name"] if "node_name" in spec else spec["nodeName"]) / "pods"
+    node = spec.get("node_name") or spec.get("nodeName")
+    if not node:
+        # Not scheduled yet: no node holds a log, just as `kubectl logs` finds none.
+        raise FileNotFoundError(f"pod {meta['namespace']}/{meta['name']} is not scheduled to a node yet")
+    pod_dir = cluster.node_dir(node) / "pods"
     log_dir = pod_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid']}" / container
     runs = sorted((int(p.stem) for p in log_dir.glob("*.log") if p.stem.isdigit()), reverse=True)
     index = 1 if previous else 0

@@ -278,6 +278,43 @@ async def worker_changed(
     await _in_pool(memo, lambda: _reconcile_until_it_works(memo, namespace, owner))
 
 
+@kopf.on.event(kube.KUEUE_GROUP, kube.KUEUE_WORKLOADS, labels={kube.KUEUE_JOB_UID_LABEL: kopf.PRESENT})
+async def workload_changed(
+    memo: Any, namespace: str | None, type: str, body: kopf.Body, uid: str, **_: Any
+) -> None:
+    """Kueue's Workload of a queued worker Job says why the Job waits; nothing on the Job changes
+    when that reason does. Without Kueue installed kopf serves no such resource (it warns once)."""
+    seen: dict[str, tuple[Any, ...]] = memo["passes"].children
+    fingerprint = ftj_status.workload_fingerprint(dict(body))
+    if type == "DELETED":
+        seen.pop(uid, None)
+        return
+    if seen.get(uid) == fingerprint:
+        return
+    if not type:
+        seen[uid] = fingerprint
+        return
+    owners = [
+        ref["name"]
+        for ref in body.get("metadata", {}).get("ownerReferences") or []
+        if ref.get("kind") == "Job" and str(ref.get("apiVersion", "")).startswith("batch/")
+    ]
+    if not owners or namespace is None:
+        return
+
+    def pass_for_owner() -> None:
+        try:
+            worker = kube.read(memo["api_client"], "Job", namespace, owners[0])
+        except Exception as error:  # the Job's own events will bring a pass anyway
+            logger.warning("Workload of Job %s/%s: cannot read the Job: %s", namespace, owners[0], error)
+            return
+        owner = ((worker or {}).get("metadata", {}).get("labels") or {}).get(LABEL_FINETUNEJOB)
+        if owner:
+            _reconcile_until_it_works(memo, namespace, owner)
+
+    await _in_pool(memo, pass_for_owner)
+
+
 # -- AdapterDeployment -------------------------------------------------------------------------------
 
 

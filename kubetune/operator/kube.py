@@ -147,6 +147,30 @@ def list_pods(api_client: Any, namespace: str, label_selector: str) -> list[dict
     return pods
 
 
+#: Kueue's Workload API, and the label its Job integration puts on a Job's Workload.
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+
+
+def queue_workload(api_client: Any, namespace: str, job_uid: str) -> dict[str, Any] | None:
+    """Kueue's Workload for a queued Job, in wire form; None when there is none yet, when Kueue
+    is not installed (404), or when the operator may not read Workloads (403: an older chart)."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    try:
+        items: list[dict[str, Any]] = _wire(
+            client.CustomObjectsApi(api_client).list_namespaced_custom_object,
+            KUEUE_GROUP, KUEUE_VERSION, namespace, KUEUE_WORKLOADS,
+            label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}",
+        )["items"]  # fmt: skip
+    except ApiException as error:
+        if error.status in (403, 404):
+            return None
+        raise
+    return items[0] if items else None
+
+
 def apply(api_client: Any, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
     """Server-side apply ``manifest`` (creating it if absent); returns the object in wire form.
 

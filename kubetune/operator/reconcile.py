@@ -192,9 +192,17 @@ def reconcile(
             if running:
                 progress = _fetch_progress(running[0], config.progress_timeout_s)
 
+        queued = bool(job and builders.queued(job))
+        workload: dict[str, Any] | None = None
+        if queued and worker is not None and (worker.get("spec") or {}).get("suspend"):
+            # Why Kueue holds it: the Workload's conditions, read only while the Job waits.
+            workload = kube.queue_workload(api_client, namespace, worker["metadata"]["uid"])
+
         if memory is not None:
             for child in [worker, *pods] if worker is not None else pods:
                 memory.children[child["metadata"]["uid"]] = status.child_fingerprint(child)
+            if workload is not None:
+                memory.children[workload["metadata"]["uid"]] = status.workload_fingerprint(workload)
         seen = status.Observed(
             job=worker,
             pods=pods,
@@ -203,7 +211,8 @@ def reconcile(
             feasibility=(assessment.feasible, assessment.reason, assessment.message) if assessment else None,
             plan=assessment.plan if assessment else None,
             conflict=conflict,
-            queued=bool(job and builders.queued(job)),
+            queued=queued,
+            workload=workload,
         )
         desired = status.desired_status(
             obj["metadata"].get("generation"),

@@ -51,6 +51,8 @@ class Observed:
     plan: dict[str, Any] | None = None
     conflict: str | None = None
     queued: bool = False
+    #: Kueue's Workload of a queued Job (its conditions say why it is not admitted yet).
+    workload: dict[str, Any] | None = None
 
 
 def _job_condition(job: dict[str, Any] | None, *kinds: str) -> dict[str, Any] | None:
@@ -96,6 +98,20 @@ def child_fingerprint(child: dict[str, Any]) -> tuple[Any, ...]:
 
 
 _JOB_ENDINGS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+def workload_fingerprint(workload: dict[str, Any]) -> tuple[Any, ...]:
+    """What a pass reads from a Kueue Workload (:func:`queue_reason`): Kueue rewrites its status
+    for other reasons too (requeue counts, resource requests), which need no pass."""
+    meta = workload.get("metadata") or {}
+    conditions = tuple(
+        sorted(
+            (c.get("type", ""), c.get("status"), c.get("message"))
+            for c in (workload.get("status") or {}).get("conditions") or []
+            if c.get("type") in ("QuotaReserved", "Admitted")
+        )
+    )
+    return (meta.get("uid"), bool(meta.get("deletionTimestamp")), conditions)
 
 
 def job_ended(job: dict[str, Any] | None) -> bool:
@@ -156,6 +172,18 @@ def result_of(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def queue_reason(workload: dict[str, Any] | None) -> str:
+    """Why Kueue has not admitted a Workload yet, in Kueue's words: the message of its
+    QuotaReserved or Admitted condition while that is False (e.g. "couldn't assign flavors to pod
+    set main: insufficient unused quota for cpu in flavor default, 1 more needed")."""
+    conditions = {c.get("type"): c for c in ((workload or {}).get("status") or {}).get("conditions") or []}
+    for kind in ("QuotaReserved", "Admitted"):
+        condition = conditions.get(kind)
+        if condition and condition.get("status") == "False" and condition.get("message"):
+            return str(condition["message"])
+    return ""
+
+
 def _condition(kind: str, status: bool, reason: str, message: str) -> dict[str, Any]:
     return {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message}
 
@@ -187,7 +215,13 @@ def desired_conditions(suspended: bool, seen: Observed) -> list[dict[str, Any]]:
         if suspended:
             held = _condition("Suspended", True, "Suspended", "spec.suspend is true")
         elif seen.queued:
-            held = _condition("Suspended", True, "Queued", "the worker Job waits for admission by its queue")
+            why = queue_reason(seen.workload)
+            held = _condition(
+                "Suspended",
+                True,
+                "Queued",
+                "the worker Job waits for admission by its queue" + (f": {why}" if why else ""),
+            )
         else:
             held = _condition(
                 "Suspended", True, "JobSuspended", "the worker Job was suspended by another client"

@@ -81,6 +81,7 @@ OPERATOR_NEEDS: dict[tuple[str, str], set[str]] = {
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
 

@@ -46,11 +46,13 @@ def operator_release(
     """The chart installed into the test namespace with the built images, watching it;
     uninstalled afterwards."""
     release = f"kt-{secrets.token_hex(3)}"
-    cluster.helm(
+    installed = cluster.helm(
         "install", release, str(CHART), "--namespace", namespace, "--skip-crds",
         "--set", f"operator.watchNamespaces={{{namespace}}}", *images.helm_values(),
-        "--wait", "--timeout", "180s",
+        "--wait", "--timeout", "180s", check=False,
     )  # fmt: skip
+    if installed.returncode != 0:
+        pytest.fail(f"helm install failed: {installed.stderr.strip()}\n{cluster.describe(namespace)}")
     try:
         yield release
     finally:

@@ -218,6 +218,33 @@ def test_suspension_follows_the_job() -> None:
     assert _conditions(other)["Suspended"] == ("True", "JobSuspended")
 
 
+def test_queued_condition_carries_kueues_reason() -> None:
+    pending = "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor f"
+
+    def workload(*conditions: tuple[str, str, str], uid: str = "w1") -> dict[str, Any]:
+        return {
+            "metadata": {"uid": uid},
+            "status": {"conditions": [{"type": t, "status": s, "message": m} for t, s, m in conditions]},
+        }
+
+    waiting = workload(("QuotaReserved", "False", pending), ("Requeued", "True", "ignored"))
+    held = _status(Observed(job=_job(suspend=True), pods=[], queued=True, workload=waiting))
+    message = next(c["message"] for c in held["conditions"] if c["type"] == "Suspended")
+    assert message == f"the worker Job waits for admission by its queue: {pending}"
+    # No Workload yet (Kueue creates it after the Job), or one already admitted: the plain message.
+    for seen in (None, workload(("QuotaReserved", "True", "reserved"), ("Admitted", "True", "admitted"))):
+        plain = _status(Observed(job=_job(suspend=True), pods=[], queued=True, workload=seen))
+        assert next(c["message"] for c in plain["conditions"] if c["type"] == "Suspended") == (
+            "the worker Job waits for admission by its queue"
+        )
+    # Only what the condition reads wakes a pass: Kueue's other status writes do not.
+    requeued = workload(("QuotaReserved", "False", pending), ("Requeued", "True", "again"))
+    assert status.workload_fingerprint(waiting) == status.workload_fingerprint(requeued)
+    assert status.workload_fingerprint(waiting) != status.workload_fingerprint(
+        workload(("QuotaReserved", "False", "x"))
+    )
+
+
 def test_child_conflict() -> None:
     message = "Job x-train already exists and has no controller"
     blocked = _status(Observed(job=None, pods=[], conflict=message))

@@ -118,6 +118,11 @@ kubetune/operator/ and kopf's needs). Bound cluster-wide, or per namespace with 
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Kueue's Workloads of queued worker Jobs: kopf watches them and a pass lists a waiting Job's
+# Workload, whose conditions say why Kueue has not admitted it (harmless without Kueue).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch]
 {{- if and .Values.operator.peering .Values.operator.watchNamespaces }}
 # kopf peering of an operator limited to namespaces: a KopfPeering in each.
 - apiGroups: [kopf.dev]
