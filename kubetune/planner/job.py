@@ -108,6 +108,8 @@ def facts_for(job: FineTuneJob, config: dict[str, Any], settings: PlannerSetting
         precision=precision,
         gradient_checkpointing=training.gradient_checkpointing,
         gpus=max(1, resources.nodes * resources.gpus_per_node),
+        # What the engine does across ranks: FSDP for the methods that shard, else DDP.
+        sharding="fsdp" if methods.get(spec.method.type).sharded_across_ranks else "ddp",
         on_gpu=on_gpu,
     )
     dataset_tokens, source = _dataset_tokens(job)

@@ -58,7 +58,8 @@ class TrainingSetup:
     gradient_checkpointing: bool = False
     #: Data-parallel processes (nodes x GPUs per node); 1 for a single GPU or CPU.
     gpus: int = 1
-    #: ddp replicates weights and optimizer on every GPU (what the engine does); fsdp shards them.
+    #: ddp replicates weights and optimizer on every GPU; fsdp shards them. The engine shards the
+    #: methods whose ``sharded_across_ranks`` is set (full fine-tuning) and replicates the others.
     sharding: Sharding = "ddp"
     #: False for CPU training: no CUDA overhead.
     on_gpu: bool = True

@@ -200,23 +200,40 @@ def _recommend(facts: JobFacts, plans: dict[str, MethodPlan]) -> str:
     ]
     if bigger:
         options.append(f"{facts.method} as is on a GPU with more memory ({', '.join(bigger)})")
-    needed_gpus = next(
-        (
-            n
-            for n in (2, 4, 8, 16, 32, 64)
-            if estimate_memory(
-                facts.shape, facts.method, facts.settings, replace(facts.setup, gpus=n, sharding="fsdp")
-            ).total
-            <= facts.available_bytes
-        ),
-        None,
-    )
-    sharded = f" (sharded with FSDP it would fit on {needed_gpus} GPUs)" if needed_gpus else ""
+    if methods.get(facts.method).sharded_across_ranks:
+        # The engine shards this method with FSDP across ranks: more GPUs do lower the memory per GPU.
+        sharded_fit = next(
+            (
+                (n, checkpointing)
+                for n in (2, 4, 8, 16, 32, 64)
+                if n > facts.setup.gpus
+                for checkpointing in sorted({facts.setup.gradient_checkpointing, True})
+                if estimate_memory(
+                    facts.shape,
+                    facts.method,
+                    facts.settings,
+                    replace(facts.setup, gpus=n, sharding="fsdp", gradient_checkpointing=checkpointing),
+                ).total
+                <= facts.available_bytes
+            ),
+            None,
+        )
+        if sharded_fit is None:
+            scale = "Sharded by FSDP across up to 64 GPUs it would not fit either."
+        else:
+            n, checkpointing = sharded_fit
+            extra = (
+                " with gradientCheckpointing"
+                if checkpointing and not facts.setup.gradient_checkpointing
+                else ""
+            )
+            scale = f"Sharded by FSDP across {n} GPUs (resources.nodes x gpusPerNode){extra} it would fit."
+    else:
+        scale = "More GPUs or nodes do not lower the memory per GPU: the workers replicate the model (DDP)."
     return (
         f"{facts.method} needs about {format_bytes(chosen.memory.total)} per GPU but {available} is "
         "available. "
-        f"Would fit: {'; '.join(options) if options else 'nothing the planner tried'}. More GPUs or nodes "
-        f"do not lower the memory per GPU: the workers replicate the model (DDP){sharded}."
+        f"Would fit: {'; '.join(options) if options else 'nothing the planner tried'}. {scale}"
     )
 
 

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetune.api import methods
+
 #: Methods whose ranks shard the model with FSDP; the others replicate it with DDP.
-SHARDED_METHODS = frozenset({"full"})
+SHARDED_METHODS = frozenset(name for name in methods.METHOD_NAMES if methods.get(name).sharded_across_ranks)
 #: The DCP directory inside a sharded checkpoint.
 SHARDS_DIR = "shards"
 

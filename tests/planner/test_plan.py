@@ -122,6 +122,12 @@ def test_full_fine_tuning_of_an_8b_model_on_24gi_is_infeasible() -> None:
     assessment = planning.plan_for(job, settings)
     assert not assessment.feasible and assessment.reason == "InsufficientGpuMemory"
     assert "per GPU but 24.0Gi is available" in assessment.message and "qlora with" in assessment.message
+    # The engine shards full fine-tuning across ranks, so more GPUs are a way out (unlike for LoRA).
+    assert "Sharded by FSDP across 16 GPUs (resources.nodes x gpusPerNode) with gradientCheckpointing" in (
+        assessment.message
+    )
+    lora = planning.plan_for(_job({"type": "lora"}, gpuMemory="24Gi"), settings)
+    assert lora.message.endswith("the workers replicate the model (DDP).")
     plan = TrainingPlanStatus.model_validate(assessment.plan).to_dict()
     assert (
         plan["fits"] is False
@@ -137,6 +143,27 @@ def test_full_fine_tuning_of_an_8b_model_on_24gi_is_infeasible() -> None:
 
     fits = planning.plan_for(_job({"type": "qlora"}, gpuMemory="80Gi"), settings)
     assert fits.feasible and fits.reason == "Fits" and fits.plan is not None and fits.plan["fits"]
+
+
+def test_across_nodes_full_fine_tuning_is_planned_sharded_as_the_engine_runs_it() -> None:
+    """Full fine-tuning on 4 nodes x 2 GPUs is sharded by FSDP (the engine's SHARDED_METHODS), so
+    each GPU holds 1/8 of the weights, gradients and Adam state; LoRA stays replicated by DDP."""
+    from kubetune.worker import distributed
+
+    settings = planning.PlannerSettings()
+    assert sorted(distributed.SHARDED_METHODS) == ["full"]
+    alone = planning.plan_for(_job({"type": "full"}, gpuMemory="80Gi"), settings)
+    spread = planning.plan_for(_job({"type": "full"}, gpuMemory="80Gi", nodes=4, gpusPerNode=2), settings)
+    assert alone.plan is not None and spread.plan is not None
+    assert not alone.feasible and spread.feasible, spread.message
+    lora_alone = planning.plan_for(_job({"type": "lora"}, gpuMemory="80Gi"), settings)
+    lora_spread = planning.plan_for(
+        _job({"type": "lora"}, gpuMemory="80Gi", nodes=4, gpusPerNode=2), settings
+    )
+    assert lora_alone.plan is not None and lora_spread.plan is not None
+    # DDP keeps every weight on every GPU (and a second copy of the gradients in its buckets).
+    assert lora_spread.plan["memoryBreakdown"]["weights"] == lora_alone.plan["memoryBreakdown"]["weights"]
+    assert spread.plan["memoryBreakdown"]["weights"] == "4.1Gi"  # 15 GiB of bf16 weights / 8, plus a layer
 
 
 def test_an_unreadable_config_leaves_the_job_runnable() -> None:

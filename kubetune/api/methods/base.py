@@ -153,6 +153,10 @@ class MethodInfo:
     packed_attention: bool = True
     #: Whether it trains across nodes (prefix tuning's cache does not survive DDP).
     multi_node: bool = True
+    #: Across several ranks FSDP shards its weights, gradients and optimizer state (full
+    #: fine-tuning); otherwise DDP replicates the model on every rank. The engine and the planner
+    #: both read it.
+    sharded_across_ranks: bool = False
     #: The frozen base is stored in 4 bits (NF4/FP4) instead of the compute dtype.
     quantized_base: bool = False
     #: The trainable weights are the base's own (full fine-tuning); else they are new, fp32 tensors.

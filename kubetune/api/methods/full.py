@@ -16,5 +16,6 @@ INFO = register_method(
         trainable_parameters=lambda shape, settings: shape.total_parameters,
         added_parameters=lambda shape, settings: 0,
         trains_base=True,
+        sharded_across_ranks=True,
     )
 )
