@@ -448,9 +448,11 @@ class PodmanRuntime:
         self._prepare_cgroup(run)
         argv, env = self._run_argv(run)
         with run.log_path.open("ab") as log_file:
+            # In the pod's directory: conmon writes a file named "oom" into its working directory
+            # when the container is OOM-killed, which would otherwise land in the agent's.
             return subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, cwd=run.state_dir,
             )  # fmt: skip
 
     def signal(self, run: ContainerRun, proc: subprocess.Popen[bytes], sig: int) -> None:
