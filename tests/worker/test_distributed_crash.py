@@ -6,7 +6,8 @@ Aspects:
 - the other node's rank notices its peer is gone in the next collective and exits ``PeerLost`` (22,
   which the Job's podFailurePolicy does not count), with that reason in its termination message,
   instead of hanging in gloo until its timeout;
-- both nodes started again resume from the last checkpoint and finish the full step count.
+- the checkpoints written before the kill are there to resume from (a group resuming from its
+  newest checkpoint is tests/cluster/test_distributed_training.py's and test_distributed_fsdp.py's).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tests.worker.conftest import plan_dict, write_plan
 
 pytestmark = pytest.mark.torch
 
-STEPS = 16
+STEPS = 40
 
 
 def _free_port() -> int:
@@ -49,7 +50,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_rank_stops_the_group_with_peer_lost_and_both_nodes_resume(
+def test_a_killed_rank_stops_the_group_with_peer_lost(
     tmp_path: Path, tiny_model: Path, task_files: dict[str, Path]
 ) -> None:
     output = tmp_path / "out" / "group"
@@ -103,13 +104,4 @@ def test_a_killed_rank_stops_the_group_with_peer_lost_and_both_nodes_resume(
         int(p.name.removeprefix("step-"))
         for p in (output.parent / ".group.kubetune" / "checkpoints").iterdir()
     ]
-    assert saved, peer_err[-3000:]
-    last = max(saved)
-
-    port = _free_port()
-    again = [start(0, port), start(1, port)]
-    results = [node.communicate(timeout=300) for node in again]
-    assert [node.returncode for node in again] == [0, 0], [err[-3000:] for _, err in results]
-    metrics = json.loads((output / "kubetune.json").read_text())["metrics"]
-    assert (metrics["world_size"], metrics["steps"]) == (2, STEPS)
-    assert 4 <= metrics["resumed_from_step"] == last < STEPS
+    assert saved and 2 <= max(saved) < STEPS, (saved, peer_err[-3000:])
