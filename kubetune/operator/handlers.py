@@ -252,6 +252,22 @@ def finetunejob_progress(memo: Any, namespace: str | None, name: str, **_: Any) 
     _typed_errors(lambda: _reconcile(memo, namespace, name))
 
 
+def _child_news(memo: Any, type: str, uid: str, fingerprint: tuple[Any, ...]) -> bool:
+    """Whether a child's watch event may change its FineTuneJob's status: a deletion, or a change of
+    what a pass reads (``fingerprint``). The initial listing only records it: the FineTuneJob's own
+    resume handler covers it."""
+    seen: dict[str, tuple[Any, ...]] = memo["passes"].children
+    if type == "DELETED":
+        seen.pop(uid, None)
+        return True
+    if seen.get(uid) == fingerprint:
+        return False
+    if not type:
+        seen[uid] = fingerprint
+        return False
+    return True
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_FINETUNEJOB: kopf.PRESENT})
 async def worker_changed(
@@ -263,18 +279,11 @@ async def worker_changed(
     uid: str,
     **_: Any,
 ) -> None:
-    seen: dict[str, tuple[Any, ...]] = memo["passes"].children
-    fingerprint = ftj_status.child_fingerprint(dict(body))
-    if type == "DELETED":
-        seen.pop(uid, None)
-    elif seen.get(uid) == fingerprint:
-        return  # nothing the FineTuneJob's status reads has changed
-    elif not type:  # the initial listing: the FineTuneJob's own resume handler covers it
-        seen[uid] = fingerprint
+    if not _child_news(memo, type, uid, ftj_status.child_fingerprint(dict(body))):
         return
     owner = labels[LABEL_FINETUNEJOB]
-    # A pass that works records what it read in ``seen``; a failed one does not, so the next event
-    # of this child tries again, and so does the background retry: the child may change no more.
+    # A pass that works records the fingerprints it read; a failed one does not, so the next event of
+    # this child tries again, and so does the background retry: the child may change no more.
     await _in_pool(memo, lambda: _reconcile_until_it_works(memo, namespace, owner))
 
 
@@ -283,16 +292,9 @@ async def workload_changed(
     memo: Any, namespace: str | None, type: str, body: kopf.Body, uid: str, **_: Any
 ) -> None:
     """Kueue's Workload of a queued worker Job says why the Job waits; nothing on the Job changes
-    when that reason does. Without Kueue installed kopf serves no such resource (it warns once)."""
-    seen: dict[str, tuple[Any, ...]] = memo["passes"].children
-    fingerprint = ftj_status.workload_fingerprint(dict(body))
-    if type == "DELETED":
-        seen.pop(uid, None)
-        return
-    if seen.get(uid) == fingerprint:
-        return
-    if not type:
-        seen[uid] = fingerprint
+    when that reason does. Without Kueue installed kopf serves no such resource (it logs a warning)."""
+    # A deleted Workload needs no pass: its Job was admitted or is gone, and says so itself.
+    if not _child_news(memo, type, uid, ftj_status.workload_fingerprint(dict(body))) or type == "DELETED":
         return
     owners = [
         ref["name"]

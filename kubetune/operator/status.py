@@ -100,6 +100,10 @@ def child_fingerprint(child: dict[str, Any]) -> tuple[Any, ...]:
 _JOB_ENDINGS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
 
 
+#: The Workload conditions that say whether, and why not, Kueue admitted it.
+_QUEUE_CONDITIONS = ("QuotaReserved", "Admitted")
+
+
 def workload_fingerprint(workload: dict[str, Any]) -> tuple[Any, ...]:
     """What a pass reads from a Kueue Workload (:func:`queue_reason`): Kueue rewrites its status
     for other reasons too (requeue counts, resource requests), which need no pass."""
@@ -108,7 +112,7 @@ def workload_fingerprint(workload: dict[str, Any]) -> tuple[Any, ...]:
         sorted(
             (c.get("type", ""), c.get("status"), c.get("message"))
             for c in (workload.get("status") or {}).get("conditions") or []
-            if c.get("type") in ("QuotaReserved", "Admitted")
+            if c.get("type") in _QUEUE_CONDITIONS
         )
     )
     return (meta.get("uid"), bool(meta.get("deletionTimestamp")), conditions)
@@ -177,7 +181,7 @@ def queue_reason(workload: dict[str, Any] | None) -> str:
     QuotaReserved or Admitted condition while that is False (e.g. "couldn't assign flavors to pod
     set main: insufficient unused quota for cpu in flavor default, 1 more needed")."""
     conditions = {c.get("type"): c for c in ((workload or {}).get("status") or {}).get("conditions") or []}
-    for kind in ("QuotaReserved", "Admitted"):
+    for kind in _QUEUE_CONDITIONS:
         condition = conditions.get(kind)
         if condition and condition.get("status") == "False" and condition.get("message"):
             return str(condition["message"])
